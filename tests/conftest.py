@@ -1,0 +1,72 @@
+"""Shared fixtures: MVTec-layout trees built on disk with known answers, and the real data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_image(path: Path, arr: np.ndarray) -> Path:
+    """Write ``arr`` (gray or RGB uint8) with the codec of ``path``'s suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR) if arr.ndim == 3 else arr
+    assert cv2.imwrite(str(path), a), path
+    return path
+
+
+@pytest.fixture
+def mvtec_tree(tmp_path: Path) -> Callable[..., Path]:
+    """Build ``<root>/<category>/...`` from a dict ``{(split, defect, stem): mask or None}``.
+
+    Images are mid-grey ``hw`` images (RGB unless ``gray``); masks are written as
+    ``ground_truth/<defect>/<stem>_mask.png`` scaled by ``mask_value``.
+    """
+
+    def build(category: str, items: dict, *, hw=(32, 48), gray=False, ext=".png", mask_value=255,
+              root: Path | None = None) -> Path:
+        root = root or tmp_path / "root"
+        rng = np.random.default_rng(0)
+        for (split, defect, stem), mask in items.items():
+            shape = hw if gray else (*hw, 3)
+            img = rng.integers(60, 200, shape, dtype=np.uint8)
+            write_image(root / category / split / defect / f"{stem}{ext}", img)
+            if mask is not None:
+                m = (np.asarray(mask) > 0).astype(np.uint8) * mask_value
+                write_image(root / category / "ground_truth" / defect / f"{stem}_mask.png", m)
+        return root
+
+    return build
+
+
+def _blob_mask(hw=(32, 48), boxes=((4, 4, 10, 9),)) -> np.ndarray:
+    m = np.zeros(hw, bool)
+    for x0, y0, x1, y1 in boxes:
+        m[y0:y1, x0:x1] = True
+    return m
+
+
+@pytest.fixture
+def blob_mask() -> Callable[..., np.ndarray]:
+    """``blob_mask(hw, boxes)``: bool mask with filled half-open ``(x0, y0, x1, y1)`` rectangles."""
+    return _blob_mask
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    from defectkit.datasets.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synth") / "defectkit_synth", progress=False)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not present: {SHARED_DATA} (../shared/data beside the repo) is absent")
+    return SHARED_DATA
