@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 # Channels a PIL mode decodes to for this suite: grey (+alpha) is 1, palette decodes to RGB.
 _MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "I;16B": 1, "F": 1, "P": 3, "RGB": 3}
 

@@ -152,7 +152,7 @@ def _weave_defect(rng, defect: str, hw) -> np.ndarray:
         length = rng.uniform(0.3, 0.6) * min(h, w)
         end = (start[0] + length * np.cos(inward), start[1] + length * np.sin(inward))
         cv2.line(m, tuple(np.round(start).astype(int)), tuple(np.round(end).astype(int)), 255,
-                 int(rng.integers(1, 4)), lineType=cv2.LINE_8)
+                 int(rng.integers(1, 3)), lineType=cv2.LINE_8)
     elif defect == "tear":
         side = int(rng.integers(4))
         c = [(rng.uniform(0.25, 0.75) * w, 0), (w - 1, rng.uniform(0.25, 0.75) * h),
