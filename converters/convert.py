@@ -1,0 +1,405 @@
+"""The file layer of the converters: manifest in, every label format out, with a fidelity report.
+
+Output folder (written to a temporary folder beside it and renamed into place when complete)::
+
+    <out>/yolo/images/<fold>/<name>.<ext>      links (or copies) of the dataset's images
+    <out>/yolo/labels/<fold>/<name>.txt        one "class cx cy w h" line per region
+    <out>/yolo/data.yaml                       Ultralytics dataset file (train / val / test)
+    <out>/yolo_seg/{images,labels}/..., data.yaml   polygons, holes joined by zero-width cuts
+    <out>/coco/<fold>.json                     file_name relative to the dataset root
+    <out>/voc/Annotations/<name>.xml, voc/ImageSets/Main/<fold>.txt
+    <out>/label_maps/<fold>/<name>.png, label_maps/classes.txt   0 = background, id + 1
+    <out>/ground_truth.jsonl                   the canonical format (converters/canonical.py)
+    <out>/classes.txt, fidelity.json, conversion.json
+
+``<name>`` is ``<category>__<defect type>__<stem>`` (``train_good`` for the dataset's train
+images), so names never collide across defect types, and labels are named after images, not
+masks.  Good images get empty label files: they are the detectors' backgrounds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from defectkit.converters import canonical, label_formats
+from defectkit.converters.instances import (
+    Instances,
+    box_iou,
+    class_name,
+    class_names,
+    decode_rle,
+    encode_rle,
+    mask_iou,
+    mask_to_instances,
+    polygon_to_mask,
+    select,
+)
+from defectkit.datasets.atomic import atomic_dir, atomic_write_text
+from defectkit.datasets.image_files import ImageReadError, read_header, read_mask
+from defectkit.datasets.split import FOLDS, ManifestEntry, entries
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("yolo", "yolo_seg", "coco", "voc", "label_maps")
+LICENSES = {
+    "mvtec_ad": {"id": 1, "name": "CC BY-NC-SA 4.0", "url": "https://creativecommons.org/licenses/by-nc-sa/4.0/"},
+    "synthetic": {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"},
+}
+
+
+class ConversionError(ValueError):
+    """Bad input for a conversion; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    formats: tuple[str, ...] = FORMATS
+    scheme: str = "defect"
+    min_area: int = 0
+    copy_images: bool = False
+    train_good: int = 0  # how many of the dataset's train/good images to add as train backgrounds
+    coco_polygons: bool = False
+    workers: int = 1
+    license: str = "mvtec_ad"
+
+    def __post_init__(self):
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad:
+            raise ValueError(f"unknown formats {bad}; choose from {FORMATS}")
+
+
+@dataclass
+class ImageResult:
+    """What one image contributes to every format, computed in a worker (picklable)."""
+
+    name: str
+    fold: str
+    entry: dict
+    image_abs: str
+    image_hw: tuple[int, int]
+    channels: int
+    labels: list[str] = field(default_factory=list)
+    boxes: list[list[float]] = field(default_factory=list)
+    areas: list[int] = field(default_factory=list)
+    rles: list[dict] = field(default_factory=list)
+    yolo: str = ""
+    yolo_seg: str = ""
+    voc: str = ""
+    coco: list[dict] = field(default_factory=list)
+    coco_kept_rle: int = 0
+    fidelity: dict = field(default_factory=dict)
+    skipped: str | None = None
+    dropped_small: int = 0
+
+
+def flat_name(e: ManifestEntry) -> str:
+    group = "train_good" if e.source_split == "train" else e.defect_type
+    return f"{e.category}__{group}__{Path(e.image).stem}"
+
+
+def _convert_one(args: tuple) -> ImageResult:
+    """Pure-ish worker: read one mask, build every format in memory, redraw and score it."""
+    e_dict, data_root, class_to_id, cfg, label_map_dir = args
+    e = ManifestEntry(**e_dict)
+    root = Path(data_root)
+    img_path = root / e.image
+    try:
+        hw, ch = read_header(img_path)
+    except ImageReadError as err:
+        raise ConversionError(str(err)) from err
+    res = ImageResult(flat_name(e), e.fold, e_dict, str(img_path.resolve()), hw, ch)
+    inst = Instances(np.zeros((0, *hw), bool), np.zeros((0, 4)), np.zeros(0, int), np.zeros(0, int))
+    source = np.zeros(hw, bool)
+    if e.mask is not None:
+        mask_path = root / e.mask
+        try:
+            source = read_mask(mask_path)
+        except ImageReadError as err:
+            raise ConversionError(str(err)) from err
+        if source.shape != hw:
+            raise ConversionError(
+                f"{mask_path}: mask is {source.shape[1]}x{source.shape[0]} (WxH) but its image {img_path} "
+                f"is {hw[1]}x{hw[0]}"
+            )
+        if not source.any():
+            res.skipped = "empty mask on a defect image (kept for image-level metrics only)"
+            return res
+        cid = class_to_id[class_name(e.category, e.defect_type, cfg.scheme)]
+        inst = mask_to_instances(source, cid)
+        if cfg.min_area > 0:
+            n_all = len(inst)
+            inst = select(inst, inst.areas >= cfg.min_area)
+            res.dropped_small = n_all - len(inst)
+    names = sorted(class_to_id, key=class_to_id.get)
+    res.labels = [names[c] for c in inst.class_ids]
+    res.boxes = inst.boxes_xyxy.tolist()
+    res.areas = inst.areas.tolist()
+    res.rles = [encode_rle(m) for m in inst.masks]
+    fid: dict[str, dict] = {}
+    kept = inst.masks.any(0) if len(inst) else np.zeros(hw, bool)
+
+    if "yolo" in cfg.formats:
+        res.yolo = "\n".join(label_formats.yolo_box_lines(inst.boxes_xyxy, inst.class_ids, hw))
+        boxes, cls = label_formats.parse_yolo_box_lines(res.yolo, hw)
+        ious = np.diag(box_iou(boxes, inst.boxes_xyxy)) if len(inst) else np.zeros(0)
+        fid["yolo"] = {"instance_iou": ious.tolist(), "classes_ok": bool((cls == inst.class_ids).all())}
+    if "yolo_seg" in cfg.formats:
+        res.yolo_seg = "\n".join(label_formats.yolo_seg_lines(label_formats.instance_polygons(inst), inst.class_ids, hw))
+        redrawn = [polygon_to_mask(p, hw) for _, p in label_formats.parse_yolo_seg_lines(res.yolo_seg, hw)]
+        union = np.any(redrawn, 0) if redrawn else np.zeros(hw, bool)
+        fid["yolo_seg"] = {"instance_iou": [mask_iou(r, m) for r, m in zip(redrawn, inst.masks, strict=True)],
+                           "image_iou": mask_iou(union, source) if e.mask else None}
+    if "coco" in cfg.formats:
+        res.coco, res.coco_kept_rle = label_formats.coco_annotations(
+            inst, [c + 1 for c in inst.class_ids], polygons=cfg.coco_polygons)
+    if "voc" in cfg.formats:
+        res.voc = label_formats.voc_xml(f"{res.name}{img_path.suffix}", hw, ch, inst.boxes_xyxy, res.labels,
+                                        folder=e.category, path=res.image_abs)
+        vb, vn = label_formats.parse_voc_xml(res.voc)
+        ok = len(vb) == len(inst) and np.allclose(vb, inst.boxes_xyxy) and vn == res.labels
+        fid["voc"] = {"exact": bool(ok)}
+    if "label_maps" in cfg.formats:
+        import cv2
+
+        lm = label_formats.label_map(inst, hw)
+        out = Path(label_map_dir) / e.fold / f"{res.name}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out), lm):
+            raise OSError(f"cannot write {out}")
+        back = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+        fid["label_maps"] = {"exact": bool(np.array_equal(back, lm)),
+                             "image_iou": mask_iou(back > 0, source) if e.mask else None}
+    fid["kept_vs_source_iou"] = mask_iou(kept, source) if e.mask else None
+    res.fidelity = fid
+    return res
+
+
+def _link_or_copy(src: str, dst: Path, copy: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if copy:
+        shutil.copy2(src, dst)
+    else:
+        os.symlink(src, dst)
+
+
+def _data_yaml(root: Path, names: Sequence[str], folds: Sequence[str], final_root: Path, note: str) -> str:
+    import yaml
+
+    d = {"path": str(final_root.resolve()), **{("val" if f == "val" else f): f"images/{f}" for f in folds},
+         "names": dict(enumerate(names))}
+    return f"# {note}\n" + yaml.safe_dump(d, sort_keys=False)
+
+
+def _summ(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    a = np.asarray(values, float)
+    return {"mean": float(a.mean()), "min": float(a.min()), "n": len(a)}
+
+
+def convert(data_root: str | Path, manifest: dict, out: str | Path, cfg: ConvertConfig = ConvertConfig(),
+            categories: Sequence[str] | None = None, progress: bool = True) -> dict:
+    """Convert the manifest's images under ``data_root`` into every format in ``cfg.formats``.
+
+    Returns the conversion report (also written as ``fidelity.json``).  Raises
+    :class:`ConversionError` naming the file for a corrupt or missing mask or image, or a mask
+    whose size differs from its image; ``PermissionError`` / ``OSError`` naming the folder when
+    ``out`` cannot be written.  Nothing is left half-written.
+    """
+    from tqdm.auto import tqdm
+
+    data_root, out = Path(data_root), Path(out)
+    cats = list(categories or manifest["categories"])
+    missing = [c for c in cats if c not in manifest["categories"]]
+    if missing:
+        raise ConversionError(f"categories {missing} are not in the split manifest (it has "
+                              f"{manifest['categories']}); rerun `make split` with CATEGORY=...")
+    chosen: list[ManifestEntry] = []
+    for c in cats:
+        chosen += entries(manifest, category=c, source_split="test")
+        chosen += entries(manifest, category=c, source_split="train")[: cfg.train_good]
+    classes = class_names([(e.category, e.defect_type) for e in chosen], cfg.scheme)
+    class_to_id = {n: i for i, n in enumerate(classes)}
+    folds = [f for f in FOLDS if any(e.fold == f for e in chosen)]
+
+    with atomic_dir(out) as tmp:
+        jobs = [(asdict(e), str(data_root), class_to_id, cfg, str(tmp / "label_maps")) for e in chosen]
+        if cfg.workers > 1:
+            with ProcessPoolExecutor(cfg.workers) as pool:
+                it = pool.map(_convert_one, jobs, chunksize=8)
+                results = list(tqdm(it, total=len(jobs), desc="convert", disable=not progress))
+        else:
+            results = [_convert_one(j) for j in tqdm(jobs, desc="convert", disable=not progress)]
+        report = _write_outputs(tmp, out, results, classes, folds, cfg, data_root, manifest)
+    log.info("conversion written to %s", out)
+    return report
+
+
+def _write_outputs(tmp: Path, final: Path, results: list[ImageResult], classes: list[str], folds: list[str],
+                   cfg: ConvertConfig, data_root: Path, manifest: dict) -> dict:
+    used = [r for r in results if r.skipped is None]
+    atomic_write_text(tmp / "classes.txt", "\n".join(classes) + "\n")
+    for fmt, key in (("yolo", "yolo"), ("yolo_seg", "yolo_seg")):
+        if fmt not in cfg.formats:
+            continue
+        for r in used:
+            suffix = Path(r.image_abs).suffix
+            _link_or_copy(r.image_abs, tmp / fmt / "images" / r.fold / f"{r.name}{suffix}", cfg.copy_images)
+            (tmp / fmt / "labels" / r.fold).mkdir(parents=True, exist_ok=True)
+            text = getattr(r, key)
+            (tmp / fmt / "labels" / r.fold / f"{r.name}.txt").write_text(text + "\n" if text else "")
+        note = ("YOLO detection labels by defectkit" if fmt == "yolo" else
+                "YOLO-seg polygons by defectkit: holes joined to their outline by zero-width cuts")
+        (tmp / fmt / "data.yaml").write_text(_data_yaml(tmp / fmt, classes, folds, final / fmt, note))
+    coco_files = {}
+    if "coco" in cfg.formats:
+        (tmp / "coco").mkdir()
+        lic = LICENSES.get(cfg.license, LICENSES["mvtec_ad"])
+        for fold in folds:
+            images, anns = [], []
+            for i, r in enumerate((r for r in used if r.fold == fold), start=1):
+                images.append({"id": i, "file_name": r.entry["image"], "height": r.image_hw[0],
+                               "width": r.image_hw[1], "license": lic["id"], "category": r.entry["category"],
+                               "defect_type": r.entry["defect_type"], "fold": fold, "key": r.entry["key"]})
+                for a in r.coco:
+                    anns.append({"id": len(anns) + 1, "image_id": i, **a})
+            doc = {"info": {"description": "defectkit conversion of an MVTec-layout dataset",
+                            "data_root": str(data_root.resolve()), "fold": fold, "version": "1.0"},
+                   "licenses": [lic], "images": images, "annotations": anns,
+                   "categories": [{"id": k + 1, "name": n, "supercategory": "defect"} for k, n in enumerate(classes)]}
+            coco_files[fold] = tmp / "coco" / f"{fold}.json"
+            coco_files[fold].write_text(json.dumps(doc))
+    if "voc" in cfg.formats:
+        for r in used:
+            p = tmp / "voc" / "Annotations" / f"{r.name}.xml"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(r.voc)
+        (tmp / "voc" / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+        for fold in folds:
+            (tmp / "voc" / "ImageSets" / "Main" / f"{fold}.txt").write_text(
+                "".join(f"{r.name}\n" for r in used if r.fold == fold))
+    if "label_maps" in cfg.formats:
+        (tmp / "label_maps").mkdir(exist_ok=True)
+        (tmp / "label_maps" / "classes.txt").write_text("\n".join(["background", *classes]) + "\n")
+    header = canonical.make_header("ground_truth", "ground_truth", classes, data_root,
+                                   manifest=manifest.get("path"), scheme=cfg.scheme, seed=manifest.get("seed"))
+    canonical.write_records(tmp / "ground_truth.jsonl", header, (
+        canonical.ImageRecord(image=r.entry["image"], height=r.image_hw[0], width=r.image_hw[1],
+                              boxes_xyxy=np.asarray(r.boxes).reshape(-1, 4), labels=r.labels, masks=r.rles,
+                              key=r.entry["key"], category=r.entry["category"],
+                              defect_type=r.entry["defect_type"], fold=r.fold)
+        for r in results))
+    report = _fidelity(results, classes, cfg, coco_files, data_root)
+    atomic_write_text(tmp / "fidelity.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(tmp / "conversion.json", json.dumps(
+        {"data_root": str(data_root.resolve()), "config": asdict(cfg), "classes": classes, "folds": folds,
+         "images": {f: sum(r.fold == f for r in used) for f in folds}, "manifest_seed": manifest.get("seed")},
+        indent=1) + "\n")
+    return report
+
+
+def _coco_check(path: Path, results: list[ImageResult]) -> dict:
+    """Load the written COCO file with pycocotools and redraw every annotation."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(path))
+    by_key = {r.entry["key"]: r for r in results}
+    ious, bbox_ok, area_ok = [], True, True
+    for img in coco.dataset["images"]:
+        r = by_key[img["key"]]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))
+        for a, rle, box, area in zip(anns, r.rles, r.boxes, r.areas, strict=True):
+            m = coco.annToMask(a).astype(bool)
+            ious.append(mask_iou(m, decode_rle(rle)))
+            bbox_ok &= np.allclose(a["bbox"], label_formats.xyxy_to_coco_bbox(box))
+            area_ok &= a["area"] == area == int(m.sum()) if isinstance(a["segmentation"], dict) else a["area"] == area
+    return {"instance_iou": ious, "bbox_matches_toBbox": bool(bbox_ok), "area_is_pixel_count": bool(area_ok)}
+
+
+def _fidelity(results: list[ImageResult], classes: list[str], cfg: ConvertConfig, coco_files: dict,
+              data_root: Path) -> dict:
+    used = [r for r in results if r.skipped is None]
+    per_format: dict[str, dict] = {}
+    for fmt in cfg.formats:
+        if fmt == "coco":
+            checks = [_coco_check(p, used) for p in coco_files.values()]
+            ious = [v for c in checks for v in c["instance_iou"]]
+            per_format["coco"] = {"instance_iou": _summ(ious),
+                                  "bbox_matches_toBbox": all(c["bbox_matches_toBbox"] for c in checks),
+                                  "area_is_pixel_count": all(c["area_is_pixel_count"] for c in checks),
+                                  "segmentation": "polygons (RLE for regions with holes)" if cfg.coco_polygons else "rle",
+                                  "regions_kept_as_rle_for_holes": sum(r.coco_kept_rle for r in used)}
+            continue
+        f = [r.fidelity[fmt] for r in used]
+        entry: dict = {}
+        inst = [v for x in f for v in x.get("instance_iou", [])]
+        if inst or fmt in ("yolo", "yolo_seg"):
+            entry["instance_iou"] = _summ(inst)
+        img = [x["image_iou"] for x in f if x.get("image_iou") is not None]
+        if img:
+            entry["image_iou_vs_source"] = _summ(img)
+        if f and "exact" in f[0]:
+            entry["exact"] = all(x["exact"] for x in f)
+        if fmt == "yolo":
+            entry["classes_ok"] = all(x["classes_ok"] for x in f)
+        per_format[fmt] = entry
+    counts: Counter = Counter()
+    per_fold: dict[str, Counter] = defaultdict(Counter)
+    for r in used:
+        for lab in r.labels:
+            counts[lab] += 1
+            per_fold[r.fold][lab] += 1
+    skipped = [{"image": r.entry["image"], "reason": r.skipped} for r in results if r.skipped]
+    dropped = sum(r.dropped_small for r in results)
+    kept = [r.fidelity["kept_vs_source_iou"] for r in used if r.fidelity.get("kept_vs_source_iou") is not None]
+    return {
+        "data_root": str(data_root.resolve()),
+        "scheme": cfg.scheme,
+        "classes": classes,
+        "images": len(used),
+        "background_images": sum(1 for r in used if not r.labels),
+        "instances_per_class": {c: counts[c] for c in classes},
+        "instances_per_fold": {f: dict(sorted(c.items())) for f, c in sorted(per_fold.items())},
+        "formats": per_format,
+        "skipped_images": skipped,
+        "regions_dropped_by_min_area": {"min_area": cfg.min_area, "count": dropped,
+                                        "kept_vs_source_iou": _summ(kept)},
+    }
+
+
+def format_report(report: dict) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for fmt, f in report["formats"].items():
+        inst = f.get("instance_iou")
+        img = f.get("image_iou_vs_source")
+        rows.append([fmt, inst and f"{inst['mean']:.4f}", inst and f"{inst['min']:.4f}",
+                     img and f"{img['mean']:.4f} / {img['min']:.4f}",
+                     ", ".join(f"{k}={v}" for k, v in f.items() if k not in ("instance_iou", "image_iou_vs_source"))])
+    lines = [f"converted {report['images']} images ({report['background_images']} backgrounds), scheme "
+             f"{report['scheme']}, {sum(report['instances_per_class'].values())} instances: "
+             + ", ".join(f"{k} {v}" for k, v in report["instances_per_class"].items()),
+             tabulate(rows, ["format", "instance IoU mean", "min", "image IoU mean / min", "checks"],
+                      tablefmt="github", missingval="-")]
+    if report["skipped_images"]:
+        lines.append(f"skipped {len(report['skipped_images'])} image(s): "
+                     + "; ".join(f"{s['image']} ({s['reason']})" for s in report["skipped_images"][:5]))
+    d = report["regions_dropped_by_min_area"]
+    if d["count"]:
+        lines.append(f"dropped {d['count']} region(s) smaller than {d['min_area']} px")
+    return "\n".join(lines)

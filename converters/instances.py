@@ -1,0 +1,205 @@
+"""Masks to instances, boxes, polygons and RLE: the pure core of every converter.
+
+Conventions (one internal format, formats only at the edges):
+
+* an image's defects are ``(N, H, W)`` bool masks, ``(N, 4)`` float pixel ``xyxy`` boxes and
+  class ids;
+* boxes have **half-open pixel edges**: a region covering columns 3..5 has ``x0 = 3``,
+  ``x1 = 6``, so a one-pixel region is 1 wide, as ``pycocotools.mask.toBbox`` gives;
+* polygons are in continuous image coordinates through **pixel centres** (pixel ``(r, c)`` has
+  its centre at ``(c + 0.5, r + 0.5)``), so a polygon lies inside its box and is centred on it;
+  ``floor`` turns a vertex back into a pixel index.
+* an *instance* is one 8-connected region of a mask; its holes belong to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+CLASS_SCHEMES = ("defect", "single", "category_defect")
+
+
+@dataclass(frozen=True)
+class Instances:
+    """The defects of one image.  ``masks`` ``(N, H, W)`` bool, ``boxes_xyxy`` ``(N, 4)``,
+    ``areas`` ``(N,)`` pixel counts, ``class_ids`` ``(N,)`` int."""
+
+    masks: np.ndarray
+    boxes_xyxy: np.ndarray
+    areas: np.ndarray
+    class_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.boxes_xyxy)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return int(self.masks.shape[1]), int(self.masks.shape[2])
+
+
+def mask_to_instances(mask: np.ndarray, class_id: int = 0, min_area: int = 0) -> Instances:
+    """Split a ``(H, W)`` mask (defect where > 0) into 8-connected regions, largest first.
+
+    Regions smaller than ``min_area`` pixels are dropped (``0``: keep all, the default: tiny
+    real defects are defects).  Holes inside a region stay holes.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"expected a (H, W) mask, got shape {m.shape}")
+    h, w = m.shape
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((m > 0).astype(np.uint8), connectivity=8)
+    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(1, min_area)]
+    keep.sort(key=lambda i: (-stats[i, cv2.CC_STAT_AREA], stats[i, cv2.CC_STAT_TOP], stats[i, cv2.CC_STAT_LEFT]))
+    masks = np.stack([labels == i for i in keep]) if keep else np.zeros((0, h, w), bool)
+    boxes = np.array(
+        [[stats[i, 0], stats[i, 1], stats[i, 0] + stats[i, 2], stats[i, 1] + stats[i, 3]] for i in keep],
+        dtype=np.float64,
+    ).reshape(-1, 4)
+    areas = np.array([stats[i, cv2.CC_STAT_AREA] for i in keep], dtype=np.int64)
+    return Instances(masks, boxes, areas, np.full(len(keep), class_id, dtype=np.int64))
+
+
+def select(inst: Instances, keep: np.ndarray) -> Instances:
+    """The instances where ``keep`` (bool ``(N,)``) is true."""
+    keep = np.asarray(keep, bool)
+    return Instances(inst.masks[keep], inst.boxes_xyxy[keep], inst.areas[keep], inst.class_ids[keep])
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` masks to ``(N, 4)`` half-open ``xyxy`` boxes (all zeros for an empty mask)."""
+    masks = np.asarray(masks, bool)
+    out = np.zeros((len(masks), 4), np.float64)
+    for k, m in enumerate(masks):
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        if len(rows):
+            out[k] = [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
+    return out
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of ``(N, 4)`` and ``(M, 4)`` xyxy boxes -> ``(N, M)``."""
+    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
+    union = area_a[:, None] + area_b[None] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two ``(H, W)`` masks; 1.0 when both are empty."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+# ------------------------------------------------------------------------------ polygons
+
+
+def _bridge(outer: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Join ``hole`` into ``outer`` through their closest vertices by a zero-width cut."""
+    d = ((outer[:, None, :] - hole[None, :, :]) ** 2).sum(-1)
+    i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+    hole_loop = np.concatenate([hole[j:], hole[: j + 1]])
+    return np.concatenate([outer[: i + 1], hole_loop, outer[i:]])
+
+
+def region_to_polygon(region: np.ndarray) -> np.ndarray:
+    """One connected region (``(H, W)`` bool) to one polygon, ``(K, 2)`` float ``xy``.
+
+    The outer contour is traced through boundary pixel centres; each hole's contour is joined
+    to it by a zero-width cut between their nearest vertices, so that one polygon (what YOLO-seg
+    allows per object) redraws the region with its holes under an even-odd fill
+    (:func:`polygon_to_mask`).  Degenerate contours (one or two pixels) repeat vertices to reach
+    the three points Ultralytics expects.  Raises ``ValueError`` on an empty region.
+    """
+    m = np.ascontiguousarray(region, dtype=np.uint8)
+    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        raise ValueError("empty region has no polygon")
+    hier = hierarchy[0]
+    outers = [k for k in range(len(contours)) if hier[k][3] < 0]
+    # one region -> one outer contour; if several (should not happen for 8-connected input),
+    # keep the largest: callers pass single regions from mask_to_instances.
+    outer_k = max(outers, key=lambda k: len(contours[k]))
+    poly = contours[outer_k].reshape(-1, 2).astype(np.float64)
+    for k in range(len(contours)):
+        if hier[k][3] == outer_k:
+            poly = _bridge(poly, contours[k].reshape(-1, 2).astype(np.float64))
+    while len(poly) < 3:
+        poly = np.concatenate([poly, poly[:1]])
+    return poly + 0.5
+
+
+def polygon_to_mask(poly: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """Redraw a polygon from :func:`region_to_polygon` (pixel-centre coordinates) as a mask.
+
+    Uses OpenCV's scan-line fill, whose alternating edge pairs make the bridged holes empty.
+    """
+    pts = np.floor(np.asarray(poly, float)).astype(np.int32).reshape(-1, 1, 2)
+    out = np.zeros(image_hw, np.uint8)
+    cv2.fillPoly(out, [pts], 1, lineType=cv2.LINE_8)
+    return out.astype(bool)
+
+
+def region_to_coco_polygon(region: np.ndarray) -> np.ndarray:
+    """A hole-free region to a polygon that pycocotools rasterises back exactly.
+
+    pycocotools fills a pixel when its centre is inside the polygon.  Tracing the region at 2x
+    (nearest) resolution and mapping back gives an outline a quarter pixel inside the region's
+    pixel edges: every region pixel centre is inside with 0.25 px to spare, every neighbour's
+    centre outside with 0.75 px, and one-pixel lines keep a width.  ``(K, 2)`` float ``xy``.
+    """
+    up = cv2.resize(np.asarray(region, np.uint8), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        raise ValueError("empty region has no polygon")
+    return (max(contours, key=len).reshape(-1, 2).astype(np.float64) + 0.5) / 2
+
+
+# ------------------------------------------------------------------------------ RLE
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """``(H, W)`` mask -> COCO compressed RLE ``{"size": [H, W], "counts": str}`` (pycocotools)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed str/bytes counts, or uncompressed list counts) -> ``(H, W)`` bool."""
+    from pycocotools import mask as mask_utils
+
+    r = dict(rle)
+    if isinstance(r["counts"], list):
+        r = mask_utils.frPyObjects(r, *r["size"])
+    elif isinstance(r["counts"], str):
+        r["counts"] = r["counts"].encode("ascii")
+    return mask_utils.decode(r).astype(bool)
+
+
+# ------------------------------------------------------------------------------ classes
+
+
+def class_name(category: str, defect_type: str, scheme: str) -> str:
+    """The class a defect belongs to under ``scheme`` (see :data:`CLASS_SCHEMES`)."""
+    if scheme == "defect":
+        return defect_type
+    if scheme == "single":
+        return "defect"
+    if scheme == "category_defect":
+        return f"{category}_{defect_type}"
+    raise ValueError(f"unknown class scheme {scheme!r}; choose one of {CLASS_SCHEMES}")
+
+
+def class_names(pairs: Sequence[tuple[str, str]], scheme: str) -> list[str]:
+    """Sorted class names for ``(category, defect_type)`` pairs; ``good`` is never a class."""
+    return sorted({class_name(c, d, scheme) for c, d in pairs if d != "good"})
