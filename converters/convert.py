@@ -19,6 +19,7 @@ masks.  Good images get empty label files: they are the detectors' backgrounds.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ class ConvertConfig:
     coco_polygons: bool = False
     workers: int = 1
     license: str = "mvtec_ad"
+    verify: bool = True  # redraw what was written and compare with the source masks
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in FORMATS]
@@ -102,6 +104,14 @@ class ImageResult:
     dropped_small: int = 0
 
 
+@functools.lru_cache(maxsize=16)
+def _empty_png(hw: tuple[int, int]) -> bytes:
+    """Background images share one all-zero label map per size: encode it once."""
+    import cv2
+
+    return cv2.imencode(".png", np.zeros(hw, np.uint8))[1].tobytes()
+
+
 def flat_name(e: ManifestEntry) -> str:
     group = "train_good" if e.source_split == "train" else e.defect_type
     return f"{e.category}__{group}__{Path(e.image).stem}"
@@ -123,19 +133,22 @@ def _convert_one(args: tuple) -> ImageResult:
     if e.mask is not None:
         mask_path = root / e.mask
         try:
-            source = read_mask(mask_path)
+            raw = read_mask(mask_path, binary=False)
         except ImageReadError as err:
             raise ConversionError(str(err)) from err
-        if source.shape != hw:
+        if raw.shape != hw:
             raise ConversionError(
-                f"{mask_path}: mask is {source.shape[1]}x{source.shape[0]} (WxH) but its image {img_path} "
+                f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image {img_path} "
                 f"is {hw[1]}x{hw[0]}"
             )
+        source = raw if raw.dtype == np.uint8 else raw > 0  # > 0 is defect; kept raw for speed
         if not source.any():
             res.skipped = "empty mask on a defect image (kept for image-level metrics only)"
             return res
         cid = class_to_id[class_name(e.category, e.defect_type, cfg.scheme)]
         inst = mask_to_instances(source, cid)
+        if cfg.verify:
+            source = source > 0
         if cfg.min_area > 0:
             n_all = len(inst)
             inst = select(inst, inst.areas >= cfg.min_area)
@@ -144,42 +157,53 @@ def _convert_one(args: tuple) -> ImageResult:
     res.labels = [names[c] for c in inst.class_ids]
     res.boxes = inst.boxes_xyxy.tolist()
     res.areas = inst.areas.tolist()
-    res.rles = [encode_rle(m) for m in inst.masks]
+    res.rles = [encode_rle(m, b) for m, b in zip(inst.masks, inst.boxes_xyxy, strict=True)]
     fid: dict[str, dict] = {}
-    kept = inst.masks.any(0) if len(inst) else np.zeros(hw, bool)
+    verify = cfg.verify
 
     if "yolo" in cfg.formats:
         res.yolo = "\n".join(label_formats.yolo_box_lines(inst.boxes_xyxy, inst.class_ids, hw))
-        boxes, cls = label_formats.parse_yolo_box_lines(res.yolo, hw)
-        ious = np.diag(box_iou(boxes, inst.boxes_xyxy)) if len(inst) else np.zeros(0)
-        fid["yolo"] = {"instance_iou": ious.tolist(), "classes_ok": bool((cls == inst.class_ids).all())}
+        if verify:
+            boxes, cls = label_formats.parse_yolo_box_lines(res.yolo, hw)
+            ious = np.diag(box_iou(boxes, inst.boxes_xyxy)) if len(inst) else np.zeros(0)
+            fid["yolo"] = {"instance_iou": ious.tolist(), "classes_ok": bool((cls == inst.class_ids).all())}
     if "yolo_seg" in cfg.formats:
-        res.yolo_seg = "\n".join(label_formats.yolo_seg_lines(label_formats.instance_polygons(inst), inst.class_ids, hw))
-        redrawn = [polygon_to_mask(p, hw) for _, p in label_formats.parse_yolo_seg_lines(res.yolo_seg, hw)]
-        union = np.any(redrawn, 0) if redrawn else np.zeros(hw, bool)
-        fid["yolo_seg"] = {"instance_iou": [mask_iou(r, m) for r, m in zip(redrawn, inst.masks, strict=True)],
-                           "image_iou": mask_iou(union, source) if e.mask else None}
+        polys = label_formats.instance_polygons(inst)
+        res.yolo_seg = "\n".join(label_formats.yolo_seg_lines(polys, inst.class_ids, hw))
+        if verify:
+            parsed = label_formats.parse_yolo_seg_lines(res.yolo_seg, hw)
+            union = np.zeros(hw, bool)
+            ious = []
+            for (_, p), m, box in zip(parsed, inst.masks, inst.boxes_xyxy, strict=True):
+                # compare inside the window holding both the polygon and the instance's box
+                lo = np.minimum(np.floor(p.min(0)), box[:2]).astype(int)
+                hi = np.maximum(np.floor(p.max(0)) + 1, box[2:]).astype(int)
+                r = polygon_to_mask(p - lo, (hi[1] - lo[1], hi[0] - lo[0]))
+                ious.append(mask_iou(r, m[lo[1] : hi[1], lo[0] : hi[0]]))
+                union[lo[1] : hi[1], lo[0] : hi[0]] |= r
+            fid["yolo_seg"] = {"instance_iou": ious, "image_iou": mask_iou(union, source) if e.mask else None}
     if "coco" in cfg.formats:
         res.coco, res.coco_kept_rle = label_formats.coco_annotations(
-            inst, [c + 1 for c in inst.class_ids], polygons=cfg.coco_polygons)
+            inst, [c + 1 for c in inst.class_ids], polygons=cfg.coco_polygons, rles=res.rles)
     if "voc" in cfg.formats:
         res.voc = label_formats.voc_xml(f"{res.name}{img_path.suffix}", hw, ch, inst.boxes_xyxy, res.labels,
                                         folder=e.category, path=res.image_abs)
-        vb, vn = label_formats.parse_voc_xml(res.voc)
-        ok = len(vb) == len(inst) and np.allclose(vb, inst.boxes_xyxy) and vn == res.labels
-        fid["voc"] = {"exact": bool(ok)}
+        if verify:
+            vb, vn = label_formats.parse_voc_xml(res.voc)
+            ok = len(vb) == len(inst) and np.allclose(vb, inst.boxes_xyxy) and vn == res.labels
+            fid["voc"] = {"exact": bool(ok)}
     if "label_maps" in cfg.formats:
         import cv2
 
         lm = label_formats.label_map(inst, hw)
         out = Path(label_map_dir) / e.fold / f"{res.name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(out), lm):
-            raise OSError(f"cannot write {out}")
-        back = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
-        fid["label_maps"] = {"exact": bool(np.array_equal(back, lm)),
-                             "image_iou": mask_iou(back > 0, source) if e.mask else None}
-    fid["kept_vs_source_iou"] = mask_iou(kept, source) if e.mask else None
+        png = _empty_png(hw) if not len(inst) else cv2.imencode(".png", lm)[1].tobytes()
+        out.write_bytes(png)
+        if verify:  # the PNG round trip itself is OpenCV's job (and tested in tests/test_convert.py)
+            fid["label_maps"] = {"image_iou": mask_iou(lm > 0, source) if e.mask else None}
+    if verify and e.mask:
+        fid["kept_vs_source_iou"] = mask_iou(inst.masks.any(0) if len(inst) else np.zeros(hw, bool), source)
     res.fidelity = fid
     return res
 
@@ -302,17 +326,22 @@ def _write_outputs(tmp: Path, final: Path, results: list[ImageResult], classes: 
     report = _fidelity(results, classes, cfg, coco_files, data_root)
     atomic_write_text(tmp / "fidelity.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(tmp / "conversion.json", json.dumps(
-        {"data_root": str(data_root.resolve()), "config": asdict(cfg), "classes": classes, "folds": folds,
+        {"data_root": str(data_root.resolve()), "config": {k: v for k, v in asdict(cfg).items() if k != "workers"}, "classes": classes, "folds": folds,
          "images": {f: sum(r.fold == f for r in used) for f in folds}, "manifest_seed": manifest.get("seed")},
         indent=1) + "\n")
     return report
 
 
 def _coco_check(path: Path, results: list[ImageResult]) -> dict:
-    """Load the written COCO file with pycocotools and redraw every annotation."""
+    """Load the written COCO file with pycocotools and rasterise every annotation its way.
+
+    Compressed RLE strings are equal exactly when masks are, so a mask is decoded only when
+    they differ; box and area are checked with pycocotools' ``toBbox`` and ``area``.
+    """
     import contextlib
     import io
 
+    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -323,10 +352,13 @@ def _coco_check(path: Path, results: list[ImageResult]) -> dict:
         r = by_key[img["key"]]
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))
         for a, rle, box, area in zip(anns, r.rles, r.boxes, r.areas, strict=True):
-            m = coco.annToMask(a).astype(bool)
-            ious.append(mask_iou(m, decode_rle(rle)))
-            bbox_ok &= np.allclose(a["bbox"], label_formats.xyxy_to_coco_bbox(box))
-            area_ok &= a["area"] == area == int(m.sum()) if isinstance(a["segmentation"], dict) else a["area"] == area
+            theirs = coco.annToRLE(a)
+            counts = theirs["counts"].encode() if isinstance(theirs["counts"], str) else theirs["counts"]
+            same = counts == rle["counts"].encode()
+            ious.append(1.0 if same else mask_iou(mask_utils.decode(theirs).astype(bool), decode_rle(rle)))
+            bbox_ok &= bool(np.allclose(a["bbox"], label_formats.xyxy_to_coco_bbox(box)))
+            bbox_ok &= bool(np.allclose(mask_utils.toBbox({**theirs, "counts": counts}), a["bbox"])) or not same
+            area_ok &= a["area"] == area and (int(mask_utils.area({**theirs, "counts": counts})) == area or not same)
     return {"instance_iou": ious, "bbox_matches_toBbox": bool(bbox_ok), "area_is_pixel_count": bool(area_ok)}
 
 
@@ -334,7 +366,7 @@ def _fidelity(results: list[ImageResult], classes: list[str], cfg: ConvertConfig
               data_root: Path) -> dict:
     used = [r for r in results if r.skipped is None]
     per_format: dict[str, dict] = {}
-    for fmt in cfg.formats:
+    for fmt in cfg.formats if cfg.verify else ():
         if fmt == "coco":
             checks = [_coco_check(p, used) for p in coco_files.values()]
             ious = [v for c in checks for v in c["instance_iou"]]
@@ -344,7 +376,7 @@ def _fidelity(results: list[ImageResult], classes: list[str], cfg: ConvertConfig
                                   "segmentation": "polygons (RLE for regions with holes)" if cfg.coco_polygons else "rle",
                                   "regions_kept_as_rle_for_holes": sum(r.coco_kept_rle for r in used)}
             continue
-        f = [r.fidelity[fmt] for r in used]
+        f = [r.fidelity[fmt] for r in used if fmt in r.fidelity]
         entry: dict = {}
         inst = [v for x in f for v in x.get("instance_iou", [])]
         if inst or fmt in ("yolo", "yolo_seg"):

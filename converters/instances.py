@@ -45,20 +45,32 @@ def mask_to_instances(mask: np.ndarray, class_id: int = 0, min_area: int = 0) ->
     """Split a ``(H, W)`` mask (defect where > 0) into 8-connected regions, largest first.
 
     Regions smaller than ``min_area`` pixels are dropped (``0``: keep all, the default: tiny
-    real defects are defects).  Holes inside a region stay holes.
+    real defects are defects).  Holes inside a region stay holes.  Labelling runs on the
+    bounding box of the defect pixels only, so the cost follows the defects, not the image.
     """
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"expected a (H, W) mask, got shape {m.shape}")
     h, w = m.shape
-    n, labels, stats, _ = cv2.connectedComponentsWithStats((m > 0).astype(np.uint8), connectivity=8)
+    if m.dtype == bool:
+        binary = m.view(np.uint8)
+    elif m.dtype == np.uint8:
+        binary = cv2.threshold(m, 0, 1, cv2.THRESH_BINARY)[1]  # one SIMD pass
+    else:
+        binary = (m > 0).astype(np.uint8)
+    bx, by, bw, bh = cv2.boundingRect(binary)
+    if bw == 0 or bh == 0:
+        return Instances(np.zeros((0, h, w), bool), np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    crop = binary[by : by + bh, bx : bx + bw]
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
     keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(1, min_area)]
     keep.sort(key=lambda i: (-stats[i, cv2.CC_STAT_AREA], stats[i, cv2.CC_STAT_TOP], stats[i, cv2.CC_STAT_LEFT]))
-    masks = np.stack([labels == i for i in keep]) if keep else np.zeros((0, h, w), bool)
-    boxes = np.array(
-        [[stats[i, 0], stats[i, 1], stats[i, 0] + stats[i, 2], stats[i, 1] + stats[i, 3]] for i in keep],
-        dtype=np.float64,
-    ).reshape(-1, 4)
+    masks = np.zeros((len(keep), h, w), bool)  # calloc'd: only the boxes below are touched
+    boxes = np.zeros((len(keep), 4), np.float64)
+    for k, i in enumerate(keep):
+        x, y, ww, hh = stats[i, :4]
+        masks[k, by + y : by + y + hh, bx + x : bx + x + ww] = labels[y : y + hh, x : x + ww] == i
+        boxes[k] = [bx + x, by + y, bx + x + ww, by + y + hh]
     areas = np.array([stats[i, cv2.CC_STAT_AREA] for i in keep], dtype=np.int64)
     return Instances(masks, boxes, areas, np.full(len(keep), class_id, dtype=np.int64))
 
@@ -166,11 +178,22 @@ def region_to_coco_polygon(region: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------ RLE
 
 
-def encode_rle(mask: np.ndarray) -> dict:
-    """``(H, W)`` mask -> COCO compressed RLE ``{"size": [H, W], "counts": str}`` (pycocotools)."""
+def encode_rle(mask: np.ndarray, box_xyxy: Sequence[float] | None = None) -> dict:
+    """``(H, W)`` mask -> COCO compressed RLE ``{"size": [H, W], "counts": str}`` (pycocotools).
+
+    With ``box_xyxy`` (the mask is known to be empty outside it) only the box is copied into the
+    column-major buffer pycocotools needs, instead of the whole image.
+    """
     from pycocotools import mask as mask_utils
 
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    m = np.asarray(mask)
+    if box_xyxy is None:
+        fortran = np.asfortranarray(m.astype(np.uint8, copy=False))
+    else:
+        x0, y0, x1, y1 = (int(v) for v in box_xyxy)
+        fortran = np.zeros(m.shape, np.uint8, order="F")
+        fortran[y0:y1, x0:x1] = m[y0:y1, x0:x1]
+    rle = mask_utils.encode(fortran)
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 

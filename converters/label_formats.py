@@ -69,7 +69,15 @@ def parse_yolo_seg_lines(text: str, image_hw: tuple[int, int]) -> list[tuple[int
 
 
 def instance_polygons(inst: Instances) -> list[np.ndarray]:
-    return [region_to_polygon(m) for m in inst.masks]
+    """:func:`region_to_polygon` of every instance, traced inside its box (plus a 1 px margin)
+    rather than over the whole image: the cost follows the defect's size, not the image's."""
+    h, w = inst.image_hw
+    out = []
+    for m, (x0, y0, x1, y1) in zip(inst.masks, inst.boxes_xyxy.astype(int), strict=True):
+        ox, oy = max(x0 - 1, 0), max(y0 - 1, 0)
+        crop = m[oy : min(y1 + 1, h), ox : min(x1 + 1, w)]
+        out.append(region_to_polygon(crop) + (ox, oy))
+    return out
 
 
 # ------------------------------------------------------------------------------ COCO
@@ -80,7 +88,8 @@ def xyxy_to_coco_bbox(box: Sequence[float]) -> list[float]:
     return [x0, y0, x1 - x0, y1 - y0]
 
 
-def coco_annotations(inst: Instances, category_ids: Sequence[int], *, polygons: bool = False) -> tuple[list[dict], int]:
+def coco_annotations(inst: Instances, category_ids: Sequence[int], *, polygons: bool = False,
+                     rles: Sequence[dict] | None = None) -> tuple[list[dict], int]:
     """COCO annotation dicts (without ``id``/``image_id``) for the instances of one image.
 
     ``bbox`` is xywh with half-open edges, ``area`` the region's pixel count, ``iscrowd`` 0.
@@ -91,8 +100,9 @@ def coco_annotations(inst: Instances, category_ids: Sequence[int], *, polygons: 
     import cv2
 
     anns, kept_rle = [], 0
-    for m, box, area, cid in zip(inst.masks, inst.boxes_xyxy, inst.areas, category_ids, strict=True):
-        seg: dict | list = encode_rle(m)
+    rles = rles if rles is not None else [encode_rle(m) for m in inst.masks]
+    for m, box, area, cid, rle in zip(inst.masks, inst.boxes_xyxy, inst.areas, category_ids, rles, strict=True):
+        seg: dict | list = rle
         if polygons:
             cs, hier = cv2.findContours(m.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
             has_hole = hier is not None and (hier[0][:, 3] >= 0).any()
@@ -156,6 +166,6 @@ def label_map(inst: Instances, image_hw: tuple[int, int]) -> np.ndarray:
     uint8 for up to 255 classes, else uint16."""
     top = int(inst.class_ids.max()) + 1 if len(inst) else 0
     out = np.zeros(image_hw, np.uint8 if top <= 255 else np.uint16)
-    for m, c in zip(inst.masks, inst.class_ids, strict=True):
-        out[m] = c + 1
+    for m, c, (x0, y0, x1, y1) in zip(inst.masks, inst.class_ids, inst.boxes_xyxy.astype(int), strict=True):
+        out[y0:y1, x0:x1][m[y0:y1, x0:x1]] = c + 1  # instances are empty outside their box
     return out

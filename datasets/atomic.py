@@ -36,15 +36,15 @@ def atomic_dir(final: Path, *, replace: bool = True) -> Iterator[Path]:
     On any exception the temporary folder is removed and ``final`` is left as it was.
 
     Raises:
-        PermissionError: the parent of ``final`` cannot be written (named in the message).
+        OSError: the parent of ``final`` cannot be made or written (``final`` named in the message).
         FileExistsError: ``final`` exists and ``replace`` is False.
     """
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    except PermissionError as e:
-        raise PermissionError(f"cannot write output folder {final}: {e.strerror}") from e
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write output folder {final}: {e.strerror}") from e
     try:
         yield tmp
         if final.exists():
