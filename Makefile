@@ -28,9 +28,15 @@ export YOLO_CONFIG_DIR := $(CURDIR)/work/ultralytics
 export YOLO_OFFLINE := 1
 export MPLBACKEND := Agg
 
+FORMATS ?= yolo,yolo_seg,coco,voc,label_maps
+SCHEME ?= defect
+WORKERS ?= 1
 DATA_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) $(if $(OUT),--out $(OUT)) --seed $(SEED)
+# convert writes into OUT/converted/<category>-<scheme> when OUT is given
+CONVERT_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --seed $(SEED) --formats $(FORMATS) \
+	--scheme $(SCHEME) --workers $(WORKERS) $(if $(OUT),--manifest $(OUT)/manifest.json --out $(OUT)/converted/$(CATEGORY)-$(SCHEME))
 
-.PHONY: help setup demo test test-fast lint generate validate stats split clean
+.PHONY: help setup demo test test-fast lint generate validate stats split convert bench-convert clean
 
 help:
 	@echo "make setup      create .venv with every pinned dependency (other targets do it for you)"
@@ -41,6 +47,8 @@ help:
 	@echo "make validate   index DATA/CATEGORY and report layout problems"
 	@echo "make stats      dataset statistics: table, JSON and plots"
 	@echo "make split      the seeded train/val/test split manifest"
+	@echo "make convert    masks -> YOLO, YOLO-seg, COCO, VOC, label maps (FORMATS=, SCHEME=, WORKERS=)"
+	@echo "make bench-convert  conversion speed against decoding the masks alone"
 
 setup: $(STAMP)
 
@@ -57,6 +65,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 demo: setup
 	$(PY) -m defectkit.datasets demo $(DATA_ARGS)
+	$(PY) -m defectkit.converters $(CONVERT_ARGS)
 
 generate: setup
 	$(PY) -m defectkit.datasets generate $(if $(OUT),--out $(OUT))
@@ -69,6 +78,12 @@ stats: setup
 
 split: setup
 	$(PY) -m defectkit.datasets split $(DATA_ARGS)
+
+convert: split
+	$(PY) -m defectkit.converters $(CONVERT_ARGS)
+
+bench-convert: setup
+	$(PY) -m defectkit.converters.bench_convert $(if $(DATA),--data $(DATA) --scale 1) --category $(CATEGORY)
 
 test: setup
 	$(VENV)/bin/pytest -n 2
