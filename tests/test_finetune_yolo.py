@@ -1,0 +1,132 @@
+"""python finetune/yolo.py: the real Ultralytics trainer, offline, on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from defectkit.converters.canonical import read_records
+from defectkit.converters.convert import ConvertConfig, convert
+from defectkit.datasets.mvtec import index_category
+from defectkit.datasets.split import build_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "finetune" / "yolo.py"
+
+
+@pytest.fixture(scope="module")
+def data_yaml(synthetic_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("conv") / "weave-defect"
+    manifest = build_manifest([index_category(synthetic_root, "weave")], seed=0)
+    convert(synthetic_root, manifest, out, ConvertConfig(formats=("yolo", "yolo_seg", "coco")), progress=False)
+    return out / "yolo" / "data.yaml"
+
+
+@pytest.fixture
+def no_clip(tmp_path) -> dict:
+    """An environment in which importing `clip` fails loudly: proof that training never calls CLIP."""
+    fake = tmp_path / "fake_site" / "clip"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('CLIP must not be used by offline training')\n")
+    return {**os.environ, "PYTHONPATH": str(fake.parent), "YOLO_CONFIG_DIR": str(tmp_path / "ycfg"),
+            "YOLO_OFFLINE": "1"}
+
+
+def _run(args, env, cwd):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+
+
+COMMON = ["--from-scratch", "--imgsz", "64", "--batch", "8", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip, tmp_path):
+    r = _run(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
+              *COMMON, "--project", tmp_path / "runs", "--name", "w"], no_clip, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = tmp_path / "runs" / "w"
+    assert (run / "weights" / "best.pt").is_file() and (run / "weights" / "last.pt").is_file()
+    assert (run / "args.yaml").is_file() and (run / "run_args.json").is_file()
+    classes = json.loads((run / "classes.json").read_text())
+    assert classes["names"] == ["cut", "speck", "stain", "tear"]
+    assert classes["text_embeddings"]["provider"] == "hash" and classes["from_scratch"] is True
+    m = json.loads((run / "metrics.json").read_text())
+    assert {"ultralytics", "pycocotools", "image_auroc", "images_per_s", "train_seconds"} <= set(m)
+    assert 0 <= m["ultralytics"]["map50"] <= 1 and 0 <= m["pycocotools"]["bbox"]["map50"] <= 1
+    assert "not a pretrained model's result" in m["note"]
+    header, recs = read_records(run / "predictions.jsonl")
+    gt_header, gt = read_records(data_yaml.parent.parent / "ground_truth.jsonl")
+    assert header["kind"] == "predictions" and header["classes"] == classes["names"]
+    assert sorted(r.image for r in recs) == sorted(g.image for g in gt if g.fold == "test")
+    assert all(r.scores is not None and r.image_score is not None for r in recs)
+    # the trained names and their embeddings travel inside the weights: reload and predict, still no CLIP
+    code = ("import sys; from ultralytics import YOLOWorld; m = YOLOWorld(sys.argv[1]);"
+            "print(list(m.names.values()), tuple(m.model.txt_feats.shape))")
+    out = subprocess.run([sys.executable, "-c", code, str(run / "weights" / "best.pt")], env=no_clip,
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "['cut', 'speck', 'stain', 'tear'] (1, 4, 512)" in out.stdout
+
+
+@pytest.mark.slow
+def test_untrained_baseline_with_epochs_0(data_yaml, no_clip, tmp_path):
+    r = _run(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "0",
+              *COMMON, "--project", tmp_path / "runs", "--name", "u"], no_clip, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    m = json.loads((tmp_path / "runs" / "u" / "metrics.json").read_text())
+    assert "untrained" in m["note"] and "pycocotools" in m and "ultralytics" not in m
+    assert read_records(tmp_path / "runs" / "u" / "predictions.jsonl")[0]["kind"] == "predictions"
+
+
+@pytest.mark.slow
+def test_segment_model_resumes_after_an_interruption(data_yaml, tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ycfg"))
+    from ultralytics.utils import callbacks
+
+    from defectkit.finetune import yolo as ft
+
+    def interrupt(trainer):
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt("simulated interruption after epoch 1")
+
+    args = ft.get_args_parser().parse_args(
+        ["--data", str(data_yaml), "--model", "yolov8n-seg", "--epochs", "2", *COMMON,
+         "--project", str(tmp_path / "runs"), "--name", "s"])
+    monkeypatch.setitem(callbacks.default_callbacks, "on_fit_epoch_end",
+                        [*callbacks.default_callbacks["on_fit_epoch_end"], interrupt])
+    with pytest.raises(KeyboardInterrupt):
+        ft.main(args)
+    run = tmp_path / "runs" / "s"
+    assert (run / "weights" / "last.pt").is_file() and not (run / "metrics.json").exists()
+    monkeypatch.setitem(callbacks.default_callbacks, "on_fit_epoch_end",
+                        [c for c in callbacks.default_callbacks["on_fit_epoch_end"] if c is not interrupt])
+    args.resume = True
+    m = ft.main(args)
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2]  # epoch 2 was trained after the resume
+    assert "segm" in m["pycocotools"] and "mask_map50" in m["ultralytics"]
+    header, recs = read_records(run / "predictions.jsonl")
+    assert all(r.masks is not None and len(r.masks) == len(r) for r in recs)
+    assert str(data_yaml.parent.parent / "yolo_seg" / "data.yaml") == m["data"]
+
+
+def test_missing_weights_and_misuse_are_clear_errors(data_yaml, no_clip, tmp_path):
+    r = _run(["--data", data_yaml, "--model", "yolo11n", "--weights-dir", tmp_path / "w", "--epochs", "1"],
+             no_clip, tmp_path)
+    assert r.returncode == 2
+    assert "yolo11n.pt not found in" in r.stderr and "--from-scratch" in r.stderr
+    r = _run(["--data", data_yaml, "--model", "yolov8s-worldv2", "--weights", tmp_path / "nope.pt"], no_clip, tmp_path)
+    assert r.returncode == 2 and "nope.pt does not exist" in r.stderr
+    (tmp_path / "fake.pt").write_bytes(b"x")
+    r = _run(["--data", data_yaml, "--model", "yolov8s-worldv2", "--weights", tmp_path / "fake.pt",
+              "--text-embeddings", "hash"], no_clip, tmp_path)
+    assert r.returncode == 2 and "only with --from-scratch" in r.stderr
+    r = _run(["--data", tmp_path / "missing.yaml"], no_clip, tmp_path)
+    assert r.returncode == 2 and "make convert" in r.stderr
