@@ -31,12 +31,18 @@ export MPLBACKEND := Agg
 FORMATS ?= yolo,yolo_seg,coco,voc,label_maps
 SCHEME ?= defect
 WORKERS ?= 1
-DATA_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) $(if $(OUT),--out $(OUT)) --seed $(SEED)
-# convert writes into OUT/converted/<category>-<scheme> when OUT is given
+DATA_NAME := $(if $(DATA),$(notdir $(abspath $(DATA))),defectkit_synth)
+OUT_DIR := $(if $(OUT),$(OUT),work/out/$(DATA_NAME))
+CONV_DIR := $(OUT_DIR)/converted/$(CATEGORY)-$(SCHEME)
+DATA_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --out $(OUT_DIR) --seed $(SEED)
 CONVERT_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --seed $(SEED) --formats $(FORMATS) \
-	--scheme $(SCHEME) --workers $(WORKERS) $(if $(OUT),--manifest $(OUT)/manifest.json --out $(OUT)/converted/$(CATEGORY)-$(SCHEME))
+	--scheme $(SCHEME) --workers $(WORKERS) --manifest $(OUT_DIR)/manifest.json --out $(CONV_DIR)
+# YOLO: the offline from-scratch recipe by default (no weights can be downloaded here);
+# with weights in work/weights: YOLO_ARGS="--text-embeddings clip --epochs 100 --imgsz 640"
+YOLO_MODEL ?= yolov8n-worldv2
+YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 30 --imgsz 256 --batch 8
 
-.PHONY: help setup demo test test-fast lint generate validate stats split convert bench-convert clean
+.PHONY: help setup demo test test-fast lint generate validate stats split convert bench-convert finetune-yolo clean
 
 help:
 	@echo "make setup      create .venv with every pinned dependency (other targets do it for you)"
@@ -49,6 +55,7 @@ help:
 	@echo "make split      the seeded train/val/test split manifest"
 	@echo "make convert    masks -> YOLO, YOLO-seg, COCO, VOC, label maps (FORMATS=, SCHEME=, WORKERS=)"
 	@echo "make bench-convert  conversion speed against decoding the masks alone"
+	@echo "make finetune-yolo  python finetune/yolo.py on the converted labels (YOLO_MODEL=, YOLO_ARGS=)"
 
 setup: $(STAMP)
 
@@ -84,6 +91,10 @@ convert: split
 
 bench-convert: setup
 	$(PY) -m defectkit.converters.bench_convert $(if $(DATA),--data $(DATA) --scale 1) --category $(CATEGORY)
+
+finetune-yolo: convert
+	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) \
+		--project work/runs/yolo --name $(DATA_NAME)-$(CATEGORY)-$(YOLO_MODEL)
 
 test: setup
 	$(VENV)/bin/pytest -n 2
