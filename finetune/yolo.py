@@ -383,7 +383,7 @@ def main(args: argparse.Namespace) -> dict:
     metrics.update({"model": args.model, "from_scratch": args.from_scratch, "data": str(data_yaml),
                     "text_embeddings": info.get("text_embeddings", {}).get("provider")})
     if args.from_scratch:
-        metrics["note"] = metrics.get("note", "") + (" " if metrics.get("note") else "") + (
+        metrics["note"] = metrics.get("note", "") + ("; " if metrics.get("note") else "") + (
             "trained from scratch" + (" with hash class embeddings" if spec["family"] == "world" else "")
             + ": not a pretrained model's result")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
