@@ -39,10 +39,13 @@ CONVERT_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --seed $(SEE
 	--scheme $(SCHEME) --workers $(WORKERS) --manifest $(OUT_DIR)/manifest.json --out $(CONV_DIR)
 # YOLO: the offline from-scratch recipe by default (no weights can be downloaded here);
 # with weights in work/weights: YOLO_ARGS="--text-embeddings clip --epochs 100 --imgsz 640"
+MODEL ?= conv_ae
+ANOMALY_ARGS ?= --size 128 --epochs 12 --augment
 YOLO_MODEL ?= yolov8n-worldv2
 YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 30 --imgsz 256 --batch 8
 
-.PHONY: help setup demo test test-fast lint generate validate stats split convert bench-convert finetune-yolo clean
+.PHONY: help setup demo test test-fast lint generate validate stats split convert bench-convert finetune-yolo \
+	anomaly bench-anomaly clean
 
 help:
 	@echo "make setup      create .venv with every pinned dependency (other targets do it for you)"
@@ -56,6 +59,8 @@ help:
 	@echo "make convert    masks -> YOLO, YOLO-seg, COCO, VOC, label maps (FORMATS=, SCHEME=, WORKERS=)"
 	@echo "make bench-convert  conversion speed against decoding the masks alone"
 	@echo "make finetune-yolo  python finetune/yolo.py on the converted labels (YOLO_MODEL=, YOLO_ARGS=)"
+	@echo "make anomaly    python anomaly/train.py per category (MODEL=conv_ae|unet_ae|fc_ae|vae|ocsvm|patchcore, ANOMALY_ARGS=)"
+	@echo "make bench-anomaly  every reconstruction model on DATA/CATEGORY: metrics, time, throughput"
 
 setup: $(STAMP)
 
@@ -95,6 +100,14 @@ bench-convert: setup
 finetune-yolo: convert
 	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) \
 		--project work/runs/yolo --name $(DATA_NAME)-$(CATEGORY)-$(YOLO_MODEL)
+
+anomaly: split
+	$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(OUT_DIR)/manifest.json \
+		--model $(MODEL) $(ANOMALY_ARGS) --out work/runs/anomaly/$(DATA_NAME)-$(MODEL)
+
+bench-anomaly: split
+	$(PY) -m defectkit.anomaly.bench_models $(if $(DATA),--data $(DATA)) --category $(if $(filter all,$(CATEGORY)),washer,$(CATEGORY)) \
+		--out work/bench/anomaly-$(DATA_NAME) -- --manifest $(OUT_DIR)/manifest.json $(ANOMALY_ARGS)
 
 test: setup
 	$(VENV)/bin/pytest -n 2

@@ -113,7 +113,7 @@ def _manifest(args) -> tuple[Path, dict]:
     else:
         manifest = build_manifest(index_dataset(root, "all"), seed=args.seed)
         write_manifest(manifest, path)
-    if args.category not in manifest["categories"]:
+    if args.category is not None and args.category not in manifest["categories"]:
         raise ValueError(f"category {args.category!r} is not in {path} (has {manifest['categories']})")
     manifest["path"] = str(path)
     return Path(root), manifest
@@ -280,6 +280,19 @@ def _topk(v: str) -> float | str:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Train and score one category; ``--category all`` runs every category of the manifest."""
+    if args.category == "all":
+        _, manifest = _manifest(argparse.Namespace(**{**vars(args), "category": None}))
+        out = {}
+        for cat in manifest["categories"]:
+            sub = argparse.Namespace(**{**vars(args), "category": cat,
+                                        "out": args.out / cat if args.out else None})
+            out[cat] = main(sub)
+        return out
+    return _main_one(args)
+
+
+def _main_one(args: argparse.Namespace) -> dict:
     import torch
 
     from defectkit.anomaly import metrics as M

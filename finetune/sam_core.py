@@ -1,0 +1,190 @@
+"""SAM pieces for fine-tuning: model building, the image-embedding cache, prompts, losses, prediction.
+
+``Sam.forward`` runs under ``torch.no_grad()``, so training calls the prompt encoder and the mask
+decoder directly on cached image embeddings; the image encoder runs once per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+MODEL_NAMES = (*CHECKPOINTS, "tiny")
+
+
+def build_tiny_sam(img_size: int = 256, seed: int = 0, dim: int = 64):
+    """A SAM built from ``segment_anything.modeling`` classes: a 2-block ViT at ``img_size``,
+    ``dim``-wide prompt encoder and decoder.  Randomly initialised (seeded): for tests and the
+    offline demo only."""
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    torch.manual_seed(seed)
+    emb = img_size // 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=dim, depth=2, num_heads=2,
+                                      mlp_ratio=4, out_chans=dim, qkv_bias=True, use_rel_pos=True, window_size=4,
+                                      global_attn_indexes=(1,), norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(emb, emb), input_image_size=(img_size, img_size),
+                                     mask_in_chans=8),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=4 * dim, num_heads=4),
+                                 transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    return sam.eval()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def load_sam(model: str, checkpoint: Path | None, tiny_size: int = 256, seed: int = 0):
+    """``(sam, key)``: the model and a string naming its weights (for caches and checkpoints).
+
+    Raises ``FileNotFoundError`` for a missing checkpoint, saying where SAM weights come from.
+    """
+    if model == "tiny":
+        return build_tiny_sam(tiny_size, seed), f"tiny-{tiny_size}-s{seed}"
+    from segment_anything import sam_model_registry
+
+    if checkpoint is None or not Path(checkpoint).is_file():
+        raise FileNotFoundError(
+            f"SAM checkpoint {checkpoint or CHECKPOINTS[model]} not found. Download {CHECKPOINTS[model]} from the "
+            "segment-anything repository's model links on a machine with internet, copy it here and pass "
+            "--checkpoint PATH (nothing is downloaded at run time); or use --model tiny for an offline smoke test."
+        )
+    sam = sam_model_registry[model](checkpoint=str(checkpoint))
+    return sam.eval(), f"{model}-{file_sha256(Path(checkpoint))[:12]}"
+
+
+class EmbeddingCache:
+    """Image embeddings on disk, keyed by image content and model key (float16 ``.pt`` files).
+
+    The ViT-B encoder takes ~20 s per 1024 px image on a 2-core CPU; decoder epochs then read
+    the cache.  ``hits`` / ``misses`` count what happened.
+    """
+
+    def __init__(self, sam, root: Path, model_key: str, device: str = "cpu"):
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.sam, self.device = sam, device
+        self.dir = Path(root) / model_key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.memory: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def key(self, rgb: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode()).hexdigest()[:32]
+
+    def input_size(self, hw: tuple[int, int]) -> tuple[int, int]:
+        return self.transform.get_preprocess_shape(hw[0], hw[1], self.sam.image_encoder.img_size)
+
+    @torch.no_grad()
+    def get(self, rgb: np.ndarray) -> torch.Tensor:
+        """``(1, C, h, w)`` embedding of an ``(H, W, 3)`` uint8 RGB image."""
+        k = self.key(rgb)
+        if k in self.memory:
+            self.hits += 1
+            return self.memory[k]
+        path = self.dir / f"{k}.pt"
+        if path.is_file():
+            self.hits += 1
+            emb = torch.load(path, map_location=self.device, weights_only=True).float()
+        else:
+            self.misses += 1
+            emb = self.encode(rgb)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+            os.close(fd)
+            torch.save(emb.half().cpu(), tmp)
+            os.replace(tmp, path)
+        self.memory[k] = emb
+        return emb
+
+    @torch.no_grad()
+    def encode(self, rgb: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(self.transform.apply_image(rgb), device=self.device).permute(2, 0, 1)[None].float()
+        return self.sam.image_encoder(self.sam.preprocess(x))
+
+
+def jitter_boxes(boxes: np.ndarray, hw: tuple[int, int], rng: np.random.Generator, frac: float = 0.1,
+                 max_px: float = 20.0) -> np.ndarray:
+    """Move each box edge by up to ``frac`` of the box side (at most ``max_px``), inside the image."""
+    b = np.asarray(boxes, float).copy()
+    if not len(b) or frac <= 0:
+        return b
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    dx = np.minimum(frac * w, max_px)[:, None] * rng.uniform(-1, 1, (len(b), 2))
+    dy = np.minimum(frac * h, max_px)[:, None] * rng.uniform(-1, 1, (len(b), 2))
+    b[:, [0, 2]] += dx
+    b[:, [1, 3]] += dy
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, hw[1])
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, hw[0])
+    b[:, 2] = np.maximum(b[:, 2], b[:, 0] + 1)
+    b[:, 3] = np.maximum(b[:, 3], b[:, 1] + 1)
+    return b
+
+
+def sample_points(masks: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``(N, n, 2)`` xy points (pixel centres) drawn inside each mask."""
+    out = np.zeros((len(masks), n, 2))
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        k = rng.integers(0, len(ys), n)
+        out[i] = np.stack([xs[k] + 0.5, ys[k] + 0.5], 1)
+    return out
+
+
+def decode(sam, emb: torch.Tensor, boxes: np.ndarray, hw: tuple[int, int], cache: EmbeddingCache,
+           points: np.ndarray | None = None, train_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-resolution mask logits ``(N, 1, 4h, 4w)`` and IoU predictions ``(N, 1)`` for box prompts."""
+    dev = emb.device
+    box_t = torch.as_tensor(cache.transform.apply_boxes(np.asarray(boxes, float), hw), dtype=torch.float, device=dev)
+    pts = None
+    if points is not None:
+        coords = torch.as_tensor(cache.transform.apply_coords(points, hw), dtype=torch.float, device=dev)
+        pts = (coords, torch.ones(coords.shape[:2], dtype=torch.int, device=dev))
+    with torch.set_grad_enabled(train_prompt and torch.is_grad_enabled()):
+        sparse, dense = sam.prompt_encoder(points=pts, boxes=box_t, masks=None)
+    return sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
+                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+
+
+def low_res_targets(masks: np.ndarray, hw: tuple[int, int], cache: EmbeddingCache, low: int) -> torch.Tensor:
+    """GT masks in the decoder's low-resolution frame (resized longest side, padded), soft."""
+    size = cache.sam.image_encoder.img_size
+    ih, iw = cache.input_size(hw)
+    t = torch.as_tensor(np.asarray(masks, np.float32))[:, None]
+    t = F.interpolate(t, (ih, iw), mode="bilinear", align_corners=False)
+    t = F.pad(t, (0, size - iw, 0, size - ih))
+    return F.interpolate(t, (low, low), mode="area")
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice + binary cross-entropy, averaged over masks."""
+    p = torch.sigmoid(logits)
+    inter = (p * target).flatten(1).sum(1)
+    dice = 1 - (2 * inter + eps) / (p.flatten(1).sum(1) + target.flatten(1).sum(1) + eps)
+    return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def full_res(sam, low_logits: torch.Tensor, hw: tuple[int, int], cache: EmbeddingCache) -> torch.Tensor:
+    """Probabilities ``(N, H, W)`` at the original image size."""
+    return torch.sigmoid(sam.postprocess_masks(low_logits, cache.input_size(hw), hw)[:, 0])

@@ -1,0 +1,170 @@
+"""Anomaly models train and score on CPU at tiny sizes; scoring and data helpers do what they say."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from defectkit.anomaly import data as D
+from defectkit.anomaly import scoring as S
+from defectkit.anomaly.models import MODELS, UNetAE, build_model
+from defectkit.converters.canonical import read_records
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_reconstruct_and_encode(name):
+    torch.manual_seed(0)
+    m = build_model(name, in_ch=3, size=32, base=8, depth=3).eval()
+    x = torch.rand(2, 3, 32, 32)
+    y = m(x)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    z = m.encode(x)
+    assert z.ndim == 2 and z.shape[0] == 2
+
+
+def test_unet_skips_are_configurable_and_size_is_checked():
+    full = UNetAE(3, 8, 4, skips=(0, 1, 2))
+    none = UNetAE(3, 8, 4, skips=())
+    default = UNetAE(3, 8, 4)
+    assert default.skips == (2,)  # the two shallowest dropped
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(full) > n(default) > n(none)
+    with pytest.raises(ValueError, match="multiple of"):
+        build_model("conv_ae", 3, 30, depth=3)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("gan", 3, 32)
+
+
+def test_fft_log_magnitude():
+    yy, xx = np.mgrid[0:32, 0:32]
+    img = np.sin(2 * np.pi * 4 * xx / 32)
+    f = D.fft_log_magnitude(img)
+    assert f.min() == 0 and f.max() == 1
+    peak = np.unravel_index(np.argmax(f), f.shape)
+    assert peak in {(16, 12), (16, 20)}  # +-4 cycles around the centred zero frequency
+    x = D.prepare(np.zeros((20, 30, 3), np.uint8) + 9, 16, "fft")
+    assert x.shape == (1, 16, 16)
+
+
+def test_cutpaste_changes_only_its_mask():
+    rng = np.random.default_rng(0)
+    img = np.random.default_rng(1).random((3, 64, 64)).astype(np.float32)
+    for scar in (False, True):
+        out, mask = D.cutpaste(img, rng, scar=scar)
+        assert mask.any() and not mask.all()
+        assert np.array_equal(out[:, ~mask], img[:, ~mask])
+        assert not np.allclose(out[:, mask], img[:, mask])
+
+
+def test_downsample_mask_keeps_one_pixel_defects():
+    m = np.zeros((256, 256), bool)
+    m[100, 37] = True
+    assert D.downsample_mask(m, 32).sum() == 1
+
+
+def test_image_scores_topk_and_max():
+    maps = np.zeros((2, 10, 10))
+    maps[0].flat[:5] = [10, 8, 6, 4, 2]
+    assert S.image_scores(maps, 1.0)[0] == 10  # top 1 % of 100 pixels = the max
+    assert S.image_scores(maps, 3.0)[0] == pytest.approx(8)
+    assert S.image_scores(maps, 100)[0] == pytest.approx(0.3)
+    assert S.image_scores(maps, "max").tolist() == [10, 0]
+
+
+def test_sliding_windows_equal_the_whole_image_for_a_pixelwise_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Sigmoid()).eval()
+    x = torch.rand(2, 3, 32, 32)
+    whole = S.window_maps(model, x, 32, "mse")
+    windows = S.window_maps(model, x, 16, "mse")
+    assert torch.allclose(whole, windows, atol=1e-6)
+    identity = torch.nn.Identity()
+    assert S.error_map(x, identity(x), "mse_ssim").abs().max() < 1e-5
+
+
+def test_multiscale_scorer_needs_calibration():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.Sigmoid()).eval()
+    sc = S.Scorer(model, "mse", scales=[16, 32], sigma=1.0)
+    x = np.random.default_rng(0).random((4, 1, 32, 32)).astype(np.float32)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        sc.maps(x)
+    sc.calibrate(x)
+    maps = sc.maps(x)
+    assert maps.shape == (4, 32, 32) and abs(float(maps.mean())) < 0.5  # standardised on good images
+
+
+def test_latent_scores_rank_outliers_high():
+    rng = np.random.default_rng(0)
+    train = rng.normal(0, 1, (50, 4))
+    test = np.r_[rng.normal(0, 1, (5, 4)), rng.normal(6, 1, (5, 4))]
+    y = np.r_[np.zeros(5), np.ones(5)]
+    from defectkit.anomaly.metrics import auroc
+
+    assert auroc(S.knn_scores(train, test), y) == 1.0
+    train_plane = np.c_[rng.normal(0, 1, (50, 2)), np.zeros((50, 2))]
+    test_plane = np.r_[np.c_[rng.normal(0, 1, (5, 2)), np.zeros((5, 2))], np.c_[rng.normal(0, 1, (5, 2)), np.full((5, 2), 3.0)]]
+    assert auroc(S.pca_scores(train_plane, test_plane), y) == 1.0
+
+
+# ---------------------------------------------------------------------------------------- the script
+
+TINY = ["--size", "32", "--depth", "2", "--base", "8", "--batch", "8", "--steps-per-epoch", "4", "--sigma", "1",
+        "--device", "cpu", "-q"]
+
+
+def _run(synthetic_root, tmp_path, *extra):
+    from defectkit.anomaly import train as T
+
+    args = T.get_args_parser().parse_args(["--data", str(synthetic_root), "--manifest", str(tmp_path / "manifest.json"),
+                                           "--out", str(tmp_path / "run"), *TINY, *map(str, extra)])
+    return T.main(args), tmp_path / "run"
+
+
+@pytest.mark.parametrize("model", ["conv_ae", "unet_ae", "fc_ae", "vae"])
+def test_every_reconstruction_model_trains_and_scores(synthetic_root, tmp_path, model):
+    m, run = _run(synthetic_root, tmp_path, "--model", model, "--category", "washer", "--epochs", "3",
+                  "--no-plots", "--patience", "99")
+    hist = json.loads((run / "history.json").read_text())
+    assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]  # the loss falls
+    assert 0 <= m["image"]["auroc"] <= 1 and 0 <= m["pixel"]["auroc"] <= 1 and 0 <= m["pixel"]["aupro"] <= 1
+    assert set(m["image"]["per_type_auroc"]) == {"contamination", "hole", "scratch", "stain"}
+    assert {"latent_knn_auroc", "latent_pca_auroc", "thresholds"} <= set(m)
+    assert m["thresholds"]["source"] == "val fold"
+    header, recs = read_records(run / "predictions.jsonl")
+    assert header["kind"] == "predictions" and len(recs) == m["test_images"]
+    assert all(r.image_score is not None and (run / r.anomaly_map).is_file() for r in recs)
+    assert np.load(run / recs[0].anomaly_map).shape == (32, 32)
+
+
+def test_resume_continues_where_it_stopped(synthetic_root, tmp_path):
+    _run(synthetic_root, tmp_path, "--category", "weave", "--epochs", "2", "--no-plots", "--patience", "99")
+    first = json.loads((tmp_path / "run" / "history.json").read_text())
+    m, run = _run(synthetic_root, tmp_path, "--category", "weave", "--epochs", "4", "--resume", "--no-plots",
+                  "--patience", "99")
+    hist = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and hist[:2] == first
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 3
+
+
+def test_fft_input_and_plots(synthetic_root, tmp_path):
+    m, run = _run(synthetic_root, tmp_path, "--category", "weave", "--epochs", "1", "--input", "fft", "--loss", "mse")
+    assert "pixel" not in m  # a spectrum has no pixel localisation
+    assert all((run / "plots" / f).stat().st_size > 5000 for f in ["roc.png", "scores.png", "cases.png", "projections.png"])
+
+
+@pytest.mark.parametrize("model", ["ocsvm", "patchcore"])
+def test_feature_models_with_an_untrained_backbone(synthetic_root, tmp_path, model):
+    m, run = _run(synthetic_root, tmp_path, "--model", model, "--category", "washer", "--random-init", "--no-plots",
+                  "--coreset", "0.2")
+    assert 0 <= m["image"]["auroc"] <= 1
+    assert ("pixel" in m) == (model == "patchcore")
+    assert read_records(run / "predictions.jsonl")[0]["model"] == model
+
+
+def test_missing_backbone_weights_is_a_clear_error(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth"):
+        _run(synthetic_root, tmp_path, "--model", "patchcore", "--category", "washer")

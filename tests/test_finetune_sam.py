@@ -1,0 +1,127 @@
+"""SAM fine-tuning on a tiny SAM built from segment_anything.modeling: cache, trained parts, resume, cascade."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from defectkit.converters.canonical import ImageRecord, make_header, read_records, write_records
+from defectkit.converters.convert import ConvertConfig, convert
+from defectkit.datasets.mvtec import index_category
+from defectkit.datasets.split import build_manifest
+from defectkit.finetune import sam as S
+from defectkit.finetune import sam_core as C
+
+
+def test_jitter_points_and_loss():
+    rng = np.random.default_rng(0)
+    boxes = np.array([[10, 10, 30, 20], [0, 0, 5, 5]], float)
+    j = C.jitter_boxes(boxes, (40, 50), rng, frac=0.1)
+    assert (j[:, [0, 2]] >= 0).all() and (j[:, [0, 2]] <= 50).all() and (j[:, [1, 3]] <= 40).all()
+    assert np.abs(j - boxes).max() <= 2.0 + 1e-9  # 10 % of a 20 px side
+    assert (j[:, 2] > j[:, 0]).all() and (j[:, 3] > j[:, 1]).all()
+    m = np.zeros((1, 20, 20), bool)
+    m[0, 5:8, 10:12] = True
+    pts = C.sample_points(m, 5, rng)
+    assert all(m[0, int(y), int(x)] for x, y in pts[0])
+    t = torch.from_numpy(m[:, None].astype(np.float32))
+    good = C.dice_bce_loss(t * 20 - 10, t)
+    bad = C.dice_bce_loss(-t * 20 + 10, t)
+    assert good < 0.05 < 1.5 < bad
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sam_vit_b_01ec64.pth"):
+        C.load_sam("vit_b", None)
+    with pytest.raises(FileNotFoundError, match="--model tiny"):
+        C.load_sam("vit_l", tmp_path / "nope.pth")
+
+
+def test_embedding_cache_is_keyed_by_content_and_reused(tmp_path):
+    sam, key = C.load_sam("tiny", None, 64)
+    cache = C.EmbeddingCache(sam, tmp_path, key)
+    img = np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)
+    a = cache.get(img)
+    assert cache.misses == 1 and len(list((tmp_path / key).glob("*.pt"))) == 1
+    cache.get(img)
+    assert cache.hits == 1
+    fresh = C.EmbeddingCache(sam, tmp_path, key)  # a new process: read from disk, not recomputed
+    b = fresh.get(img)
+    assert fresh.hits == 1 and fresh.misses == 0 and torch.allclose(a, b, atol=1e-2)
+    other = C.EmbeddingCache(sam, tmp_path, key)
+    other.get(img[:, ::-1].copy())
+    assert other.misses == 1
+
+
+@pytest.fixture(scope="module")
+def conv(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "washer-defect"
+    convert(synthetic_root, build_manifest([index_category(synthetic_root, "washer")]), out,
+            ConvertConfig(formats=("coco",)), progress=False)
+    return out
+
+
+def _args(conv, tmp_path, *extra):
+    return S.get_args_parser().parse_args(["--data", str(conv), "--model", "tiny", "--tiny-size", "64", "--lr", "1e-3",
+                                           "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "-q",
+                                           "--device", "cpu", *map(str, extra)])
+
+
+@pytest.mark.slow
+def test_only_the_decoder_trains_the_loss_falls_and_resume_continues(conv, tmp_path, monkeypatch):
+    seen = {}
+    real_fit = S.fit
+
+    def spy(sam, *a, **k):
+        seen["enc"] = {n: p.detach().clone() for n, p in sam.image_encoder.named_parameters()}
+        seen["prompt"] = {n: p.detach().clone() for n, p in sam.prompt_encoder.named_parameters()}
+        seen["dec"] = {n: p.detach().clone() for n, p in sam.mask_decoder.named_parameters()}
+        out = real_fit(sam, *a, **k)
+        seen["sam"] = sam
+        return out
+
+    monkeypatch.setattr(S, "fit", spy)
+    m = S.main(_args(conv, tmp_path, "--epochs", "3", "--patience", "99"))
+    sam = seen["sam"]
+    assert all(torch.equal(p, seen["enc"][n]) for n, p in sam.image_encoder.named_parameters())
+    assert all(torch.equal(p, seen["prompt"][n]) for n, p in sam.prompt_encoder.named_parameters())
+    assert any(not torch.equal(p, seen["dec"][n]) for n, p in sam.mask_decoder.named_parameters())
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert m["base_decoder_changed"] and m["embeddings_computed"] > 0
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert set(ck) >= {"mask_decoder", "optimizer", "base", "base_key", "epoch"} and "image_encoder" not in ck
+    assert all(k.startswith(("transformer", "iou", "mask_tokens", "output")) for k in ck["mask_decoder"])
+    # a second run reads every embedding from the cache
+    m2 = S.main(_args(conv, tmp_path, "--epochs", "4", "--resume", "--patience", "99"))
+    assert m2["embeddings_computed"] == 0
+    assert [h["epoch"] for h in json.loads((tmp_path / "run" / "history.json").read_text())] == [1, 2, 3, 4]
+    header, recs = read_records(tmp_path / "run" / "predictions.jsonl")
+    assert header["kind"] == "predictions" and all(r.masks is not None for r in recs)
+    assert {"zero_shot", "fine_tuned"} <= set(m2) and "per_type" in m2["fine_tuned"]
+
+
+@pytest.mark.slow
+def test_cascade_with_yolo_predictions(conv, tmp_path):
+    header, gt = read_records(conv / "ground_truth.jsonl")
+    test = [r for r in gt if r.fold == "test"]
+    fake = [ImageRecord(image=r.image, height=r.height, width=r.width, boxes_xyxy=r.boxes_xyxy, labels=r.labels,
+                        scores=np.full(len(r), 0.9), image_score=0.9 if len(r) else 0.0) for r in test]
+    yolo = write_records(tmp_path / "yolo.jsonl", make_header("predictions", "fake-yolo", header["classes"],
+                                                              header["data_root"]), fake)
+    m = S.main(_args(conv, tmp_path, "--epochs", "1", "--yolo-predictions", yolo))
+    c = m["cascade"]
+    assert {"mask_ap", "pixel_iou_per_image", "pixel_auroc", "box_ap_after_sam"} <= set(c)
+    assert 0 <= c["mask_ap"]["map50"] <= 1 and 0 <= c["pixel_auroc"] <= 1
+    h, recs = read_records(tmp_path / "run" / "cascade_predictions.jsonl")
+    assert h["model"] == "fake-yolo+sam-tiny" and len(recs) == len(test)
+
+
+def test_cascade_rejects_other_classes(conv, tmp_path):
+    header, gt = read_records(conv / "ground_truth.jsonl")
+    yolo = write_records(tmp_path / "y.jsonl", make_header("predictions", "y", ["other"], header["data_root"]), [])
+    with pytest.raises(ValueError, match="same conversion"):
+        S.main(_args(conv, tmp_path, "--epochs", "0", "--yolo-predictions", yolo))
