@@ -289,8 +289,7 @@ def _records(items, preds, classes_of, model: str):
     from defectkit.converters.instances import encode_rle, masks_to_boxes
 
     recs = []
-    for it, (masks, prob, scores), labels_boxes in zip(items, preds, classes_of, strict=True):
-        labels, boxes, box_scores = labels_boxes
+    for it, (masks, _prob, _iou), (labels, _boxes, box_scores) in zip(items, preds, classes_of, strict=True):
         recs.append(ImageRecord(image=it.record.image, height=it.hw[0], width=it.hw[1],
                                 boxes_xyxy=masks_to_boxes(masks) if len(masks) else np.zeros((0, 4)),
                                 labels=list(labels), scores=np.asarray(box_scores, float),
@@ -324,7 +323,7 @@ def cascade(sam, cache, test_items, gt_test, header, classes, args, run: Path, d
                               manifest=header.get("manifest"), fold="test", yolo_run=str(args.yolo_predictions)),
                   recs)
     ious, pix_scores, pix_labels = [], [], []
-    for it, (masks, prob, _), (labels, boxes, scores) in zip(test_items, preds, meta, strict=True):
+    for it, (masks, prob, _), (_labels, _boxes, scores) in zip(test_items, preds, meta, strict=True):
         keep = np.asarray(scores) >= args.cascade_conf
         pred_union = masks[keep].any(0) if keep.any() else np.zeros(it.hw, bool)
         gt_union = it.masks.any(0) if len(it.masks) else np.zeros(it.hw, bool)
