@@ -42,10 +42,23 @@ CONVERT_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --seed $(SEE
 MODEL ?= conv_ae
 ANOMALY_ARGS ?= --size 128 --epochs 12 --augment
 YOLO_MODEL ?= yolov8n-worldv2
-YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 30 --imgsz 256 --batch 8
+YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 40 --imgsz 256 --batch 8
+SAM_MODEL ?= tiny
+SAM_ARGS ?= --epochs 10 --lr 1e-3
+APP_PORT ?= 5151
+
+# the demo's stages, each a file target: a finished stage is reused, a rerun is safe
+MANIFEST := $(OUT_DIR)/manifest.json
+CONVERTED := $(CONV_DIR)/fidelity.json
+ANOMALY_RUN := work/runs/anomaly/$(DATA_NAME)-$(CATEGORY)-$(MODEL)
+YOLO_RUN := work/runs/yolo/$(DATA_NAME)-$(CATEGORY)-$(YOLO_MODEL)
+SAM_RUN := work/runs/sam/$(DATA_NAME)-$(CATEGORY)-$(SAM_MODEL)
+COMPARE_DIR := work/compare/$(DATA_NAME)-$(CATEGORY)
+APP_NAME := defectkit-$(DATA_NAME)-$(CATEGORY)
+RUNS ?= $(YOLO_RUN) $(ANOMALY_RUN) $(SAM_RUN)
 
 .PHONY: help setup demo test test-fast lint generate validate stats split convert bench-convert finetune-yolo \
-	anomaly bench-anomaly clean
+	anomaly bench-anomaly finetune-sam compare app clean
 
 help:
 	@echo "make setup      create .venv with every pinned dependency (other targets do it for you)"
@@ -61,6 +74,9 @@ help:
 	@echo "make finetune-yolo  python finetune/yolo.py on the converted labels (YOLO_MODEL=, YOLO_ARGS=)"
 	@echo "make anomaly    python anomaly/train.py per category (MODEL=conv_ae|unet_ae|fc_ae|vae|ocsvm|patchcore, ANOMALY_ARGS=)"
 	@echo "make bench-anomaly  every reconstruction model on DATA/CATEGORY: metrics, time, throughput"
+	@echo "make finetune-sam   python finetune/sam.py (SAM_MODEL=vit_b SAM_ARGS='--checkpoint PATH ...')"
+	@echo "make compare    score RUNS=\"run folders\" on the test fold: table, JSON, HTML report"
+	@echo "make app        build the FiftyOne dataset of RUNS and open the App on 127.0.0.1:APP_PORT"
 
 setup: $(STAMP)
 
@@ -76,8 +92,50 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m defectkit.datasets demo $(DATA_ARGS)
-	$(PY) -m defectkit.converters $(CONVERT_ARGS)
+	@echo "== 1/7 data: index, validate, statistics, split manifest"
+	$(PY) -m defectkit.datasets demo $(DATA_ARGS) -q
+	@echo "== 2/7 convert masks to labels"
+	$(MAKE) --no-print-directory $(CONVERTED)
+	@echo "== 3/7 anomaly baseline ($(MODEL)), trained on good images only"
+	$(MAKE) --no-print-directory $(ANOMALY_RUN)/.done
+	@echo "== 4/7 YOLO ($(YOLO_MODEL)) on the converted labels"
+	$(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json
+	@echo "== 5/7 SAM ($(SAM_MODEL)) mask decoder, and the YOLO->SAM cascade"
+	$(MAKE) --no-print-directory $(SAM_RUN)/metrics.json
+	@echo "== 6/7 comparison on the test fold"
+	$(MAKE) --no-print-directory compare
+	@echo "== 7/7 FiftyOne dataset"
+	$(PY) -m defectkit.converters.review --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME) | tail -2
+	@echo
+	@echo "demo done. Report: $(COMPARE_DIR)/report.html   Table: $(COMPARE_DIR)/comparison.md"
+	@echo "Browse it in FiftyOne: make app   (http://127.0.0.1:$(APP_PORT)/datasets/$(APP_NAME))"
+
+$(MANIFEST): | $(STAMP)
+	$(PY) -m defectkit.datasets split $(DATA_ARGS) -q
+
+$(CONVERTED): $(MANIFEST)
+	$(PY) -m defectkit.converters $(CONVERT_ARGS) -q
+
+$(ANOMALY_RUN)/.done: $(MANIFEST)
+	$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(MANIFEST) \
+		--model $(MODEL) $(ANOMALY_ARGS) --out $(ANOMALY_RUN)
+	touch $@
+
+$(YOLO_RUN)/metrics.json: $(CONVERTED)
+	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) \
+		--project work/runs/yolo --name $(notdir $(YOLO_RUN)) 2>&1 | grep -v "it/s\|━\|──" || true
+	test -f $@
+
+$(SAM_RUN)/metrics.json: $(CONVERTED) $(YOLO_RUN)/metrics.json
+	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) \
+		--yolo-predictions $(YOLO_RUN)/predictions.jsonl --out $(SAM_RUN)
+
+compare: setup
+	$(PY) -m defectkit.converters.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR)
+
+app: setup
+	$(PY) -m defectkit.converters.review --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME) \
+		--launch --port $(APP_PORT)
 
 generate: setup
 	$(PY) -m defectkit.datasets generate $(if $(OUT),--out $(OUT))
@@ -99,11 +157,15 @@ bench-convert: setup
 
 finetune-yolo: convert
 	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) \
-		--project work/runs/yolo --name $(DATA_NAME)-$(CATEGORY)-$(YOLO_MODEL)
+		--project work/runs/yolo --name $(notdir $(YOLO_RUN))
+
+finetune-sam: convert
+	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --out $(SAM_RUN) \
+		$(if $(wildcard $(YOLO_RUN)/predictions.jsonl),--yolo-predictions $(YOLO_RUN)/predictions.jsonl)
 
 anomaly: split
-	$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(OUT_DIR)/manifest.json \
-		--model $(MODEL) $(ANOMALY_ARGS) --out work/runs/anomaly/$(DATA_NAME)-$(MODEL)
+	$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(MANIFEST) \
+		--model $(MODEL) $(ANOMALY_ARGS) --out $(ANOMALY_RUN)
 
 bench-anomaly: split
 	$(PY) -m defectkit.anomaly.bench_models $(if $(DATA),--data $(DATA)) --category $(if $(filter all,$(CATEGORY)),washer,$(CATEGORY)) \

@@ -48,6 +48,8 @@ def find_prediction_files(runs: list[Path]) -> list[Path]:
             files.append(r)
             continue
         found = [r / f for f in PRED_FILES if (r / f).is_file()]
+        if not found:  # a run per category (anomaly/train.py --category all)
+            found = sorted(p for f in PRED_FILES for p in r.glob(f"*/{f}"))
         if not found:
             raise FileNotFoundError(f"{r} has no predictions.jsonl: is it a run folder of this suite?")
         files += found

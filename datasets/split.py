@@ -139,8 +139,14 @@ def _entry(s: Sample, fold: str) -> ManifestEntry:
 
 
 def write_manifest(manifest: dict, path: str | Path) -> Path:
-    """Write atomically (a crash leaves the old file or none, never half a file)."""
-    return atomic_write_text(Path(path), json.dumps(manifest, indent=1) + "\n")
+    """Write atomically (a crash leaves the old file or none, never half a file).  An identical
+    existing file is left untouched, so that its modification time keeps later stages (make
+    targets that depend on it) from rerunning needlessly."""
+    path = Path(path)
+    text = json.dumps(manifest, indent=1) + "\n"
+    if path.is_file() and path.read_text() == text:
+        return path
+    return atomic_write_text(path, text)
 
 
 def read_manifest(path: str | Path) -> dict:
