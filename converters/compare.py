@@ -255,11 +255,11 @@ def _plots(results, gt, data_root: Path, conf: float) -> list[tuple[str, str]]:
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
     y = np.array([g.defect_type != "good" for g in gt])
-    for r in results:
+    for i, r in enumerate(results):
         s = np.array([r["image_scores"].get(g.image) or 0.0 for g in gt])
-        if y.any() and (~y).any():
+        if y.any() and (~y).any() and not np.isnan(r["image_auroc"]):
             f, t, _ = roc_curve(y, s)
-            ax.plot(f, t, label=f"{r['name']} ({_fmt(r['image_auroc'])})")
+            ax.plot(f, t, color=f"C{i}", label=f"{r['name']} ({_fmt(r['image_auroc'])})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.5)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image-level ROC")
     ax.legend(fontsize=7)
@@ -330,7 +330,9 @@ def write_report(out: Path, results, files, gt, data_root: Path, conf: float) ->
 def _md_table_html(md: str) -> str:
     rows, out = [], []
     for line in md.splitlines():
-        if line.startswith("|") and not set(line) <= set("|-"):
+        if line.startswith("|") and set(line) <= set("|-"):
+            continue  # the Markdown header separator
+        if line.startswith("|"):
             rows.append([c.strip() for c in line.strip("|").split("|")])
         else:
             if rows:
