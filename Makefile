@@ -58,7 +58,7 @@ APP_NAME := defectkit-$(DATA_NAME)-$(CATEGORY)
 RUNS ?= $(YOLO_RUN) $(ANOMALY_RUN) $(SAM_RUN)
 
 .PHONY: help setup demo test test-fast lint generate validate stats split convert bench-convert finetune-yolo \
-	anomaly bench-anomaly finetune-sam compare app clean
+	anomaly bench-anomaly finetune-sam bench-sam compare app clean
 
 help:
 	@echo "make setup      create .venv with every pinned dependency (other targets do it for you)"
@@ -75,6 +75,7 @@ help:
 	@echo "make anomaly    python anomaly/train.py per category (MODEL=conv_ae|unet_ae|fc_ae|vae|ocsvm|patchcore, ANOMALY_ARGS=)"
 	@echo "make bench-anomaly  every reconstruction model on DATA/CATEGORY: metrics, time, throughput"
 	@echo "make finetune-sam   python finetune/sam.py (SAM_MODEL=vit_b SAM_ARGS='--checkpoint PATH ...')"
+	@echo "make bench-sam  a SAM decoder epoch with and without the embedding cache"
 	@echo "make compare    score RUNS=\"run folders\" on the test fold: table, JSON, HTML report"
 	@echo "make app        build the FiftyOne dataset of RUNS and open the App on 127.0.0.1:APP_PORT"
 
@@ -129,6 +130,9 @@ $(YOLO_RUN)/metrics.json: $(CONVERTED)
 $(SAM_RUN)/metrics.json: $(CONVERTED) $(YOLO_RUN)/metrics.json
 	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) \
 		--yolo-predictions $(YOLO_RUN)/predictions.jsonl --out $(SAM_RUN)
+
+bench-sam: convert
+	$(PY) -m defectkit.finetune.bench_sam_cache --data $(CONV_DIR)
 
 compare: setup
 	$(PY) -m defectkit.converters.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR)

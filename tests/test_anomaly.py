@@ -168,3 +168,24 @@ def test_missing_backbone_weights_is_a_clear_error(synthetic_root, tmp_path, mon
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth"):
         _run(synthetic_root, tmp_path, "--model", "patchcore", "--category", "washer")
+
+
+def test_purity_by_hand():
+    from defectkit.anomaly.cluster import purity
+
+    # cluster 0 = {a, a, b} -> 2 right; cluster 1 = {b, b} -> 2 right; 4 of 5
+    assert purity([0, 0, 0, 1, 1], ["a", "a", "b", "b", "b"]) == pytest.approx(0.8)
+    assert purity([1, 1, 0, 0], ["x", "x", "y", "y"]) == 1.0
+
+
+def test_kmeans_regroups_mixed_categories_and_trains_a_model_per_cluster(synthetic_root, tmp_path):
+    from defectkit.anomaly.cluster import main as cluster_main
+
+    r = cluster_main(["--data", str(synthetic_root), "--manifest", str(tmp_path / "m.json"), "--categories",
+                      "washer,weave", "--out", str(tmp_path / "c"), "--train", "--", *TINY, "--epochs", "1",
+                      "--no-plots"])
+    assert r["purity"] == 1.0 and r["k"] == 2  # an RGB washer and a grey weave never mix
+    assert sorted(sum(v.values()) for v in r["clusters"].values()) == [40, 40]
+    assert set(r["runs"]) == {"cluster0", "cluster1"}
+    assert all(v["test_images"] == 30 for v in r["runs"].values())
+    assert json.loads((tmp_path / "c" / "clusters.json").read_text())["purity"] == 1.0
