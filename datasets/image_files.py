@@ -27,7 +27,8 @@ def read_header(path: str | Path) -> tuple[tuple[int, int], int]:
         with Image.open(path) as im:
             w, h = im.size
             channels = _MODE_CHANNELS.get(im.mode, len(im.getbands()))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as e:
+        # ImportError: Ultralytics patches Image.open to try pi_heif on unidentified files
         raise ImageReadError(f"cannot read image header of {path}: {e}") from e
     return (h, w), channels
 
@@ -62,7 +63,7 @@ def read_image(path: str | Path, *, rgb: bool = True) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError as e:
         raise ImageReadError(f"{path} does not exist") from e
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, ImportError) as e:
         raise ImageReadError(f"cannot decode {path}: {e}") from e
 
 

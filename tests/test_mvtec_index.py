@@ -211,3 +211,14 @@ def test_analyze_mask_stray_values_and_channels():
     assert mask_to_bool(rgb).sum() == 1 and analyze_mask(rgb).area == 1
     with pytest.raises(ValueError, match="shape"):
         mask_to_bool(np.zeros((2, 2, 2, 2)))
+
+
+def test_unreadable_image_after_ultralytics_patched_pil(mvtec_tree, blob_mask):
+    """Ultralytics replaces PIL's Image.open with one that imports pi_heif for unknown files;
+    a garbage file must still give our error, not ModuleNotFoundError."""
+    import ultralytics.utils.patches  # noqa: F401  (installs the patch)
+
+    root = mvtec_tree("bottle", _basic(blob_mask))
+    (root / "bottle/train/good/001.png").write_bytes(b"not a png at all")
+    err = _error(root)
+    assert [p.kind for p in err.problems] == ["unreadable_image"]

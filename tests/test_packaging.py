@@ -72,7 +72,7 @@ def test_module_cli_runs_from_anywhere(tmp_path):
 
 
 SCRIPTS = sorted(p for d in ["finetune", "anomaly"] for p in (REPO / d).glob("*.py")
-                 if "__main__" in p.read_text() and p.stem != "__main__")
+                 if 'if __name__ == "__main__"' in p.read_text() and p.stem != "__main__")
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
