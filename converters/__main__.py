@@ -10,20 +10,17 @@ with ``--seed`` when absent).  Prints and saves a fidelity report.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 from defectkit.converters.convert import (
     FORMATS,
-    ConversionError,
     ConvertConfig,
     convert,
     format_report,
 )
 from defectkit.converters.instances import CLASS_SCHEMES
 from defectkit.datasets import synthetic
-from defectkit.datasets.mvtec import DatasetLayoutError, index_dataset
+from defectkit.datasets.mvtec import index_dataset
 from defectkit.datasets.split import build_manifest, read_manifest, write_manifest
 
 WORK = Path(__file__).resolve().parents[1] / "work"
@@ -75,15 +72,9 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(args)
-    except (ConversionError, DatasetLayoutError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from defectkit.datasets.cli_runner import run_cli
+
+    return run_cli(get_args_parser(), main, argv)
 
 
 if __name__ == "__main__":

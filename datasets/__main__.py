@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from defectkit.datasets import synthetic
-from defectkit.datasets.mvtec import DatasetLayoutError, index_dataset, scan_category
+from defectkit.datasets.mvtec import index_dataset, scan_category
 from defectkit.datasets.split import DEFAULT_FRACTIONS, build_manifest, write_manifest
 from defectkit.datasets.stats import compute_stats, format_table, write_stats
 
@@ -91,15 +90,9 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(args)
-    except (DatasetLayoutError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from defectkit.datasets.cli_runner import run_cli
+
+    return run_cli(get_args_parser(), main, argv)
 
 
 if __name__ == "__main__":

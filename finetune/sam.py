@@ -35,7 +35,6 @@ import copy
 import json
 import logging
 import os
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -428,14 +427,9 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from defectkit.datasets.cli_runner import run_cli
+
+    return run_cli(get_args_parser(), main, argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -403,14 +402,9 @@ def _print_summary(m: dict, run_dir: Path) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from defectkit.datasets.cli_runner import run_cli
+
+    return run_cli(get_args_parser(), main, argv)
 
 
 if __name__ == "__main__":
