@@ -169,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # FiftyOne's ServiceListenTimeout and kin: the database did not start
+        if "failed to bind" not in str(e):
+            raise
+        db = os.environ["FIFTYONE_DATABASE_DIR"]
+        print(f"error: FiftyOne's database did not start ({e}). Usually a mongod left over from a killed "
+              f"session still holds {db}: stop it with  pkill -f 'mongod --dbpath {db}'  and rerun.",
+              file=sys.stderr)
+        return 2
     print(f"FiftyOne dataset {a.name!r}: {len(ds)} samples, fields {sorted(ds.get_field_schema())}")
     print(f"saved views: {ds.list_saved_views()}")
     if a.launch:
