@@ -283,7 +283,7 @@ def fit(sam, key: str, train_items, val_items, cache, args, run: Path, device: s
     return history
 
 
-def _records(items, preds, classes_of, model: str):
+def _records(items, preds, classes_of):
     from defectkit.converters.canonical import ImageRecord
     from defectkit.converters.instances import encode_rle, masks_to_boxes
 
@@ -316,7 +316,7 @@ def cascade(sam, cache, test_items, gt_test, header, classes, args, run: Path, d
     for it in test_items:
         r = by_image.get(it.record.image)
         meta.append((r.labels, r.boxes_xyxy, r.scores) if r is not None else ([], np.zeros((0, 4)), np.zeros(0)))
-    recs = _records(test_items, preds, meta, "cascade")
+    recs = _records(test_items, preds, meta)
     write_records(run / "cascade_predictions.jsonl",
                   make_header("predictions", f"{yh['model']}+sam-{args.model}", classes, header["data_root"],
                               manifest=header.get("manifest"), fold="test", yolo_run=str(args.yolo_predictions)),
@@ -402,7 +402,7 @@ def main(args: argparse.Namespace) -> dict:
     write_records(run / "predictions.jsonl",
                   make_header("predictions", f"sam-{args.model}", classes, data_root, manifest=header.get("manifest"),
                               fold="test", prompts="ground-truth boxes", base=key),
-                  _records(test_inst, preds, meta, args.model))
+                  _records(test_inst, preds, meta))
     metrics = {"model": args.model, "base": key, "data": str(conv), "train_instances": sum(len(i.boxes) for i in train_items),
                "test_instances": zero_shot["instances"], "zero_shot": zero_shot, "fine_tuned": tuned,
                "epochs_run": len(history), "train_seconds": train_s, "embedding_seconds": embed_s,
