@@ -8,4 +8,9 @@ no ``__init__.py``: a folder called ``datasets`` with one would shadow Hugging F
 to any installed regular package of the same name, and ``tests/test_packaging.py`` proves it.
 """
 
+from pathlib import Path as _Path
+
 __version__ = "0.1.0"
+
+#: everything a run writes (git-ignored): data, outputs, runs, caches, databases
+WORK = _Path(__file__).resolve().parent / "work"

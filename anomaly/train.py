@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / "work"
+from defectkit import WORK  # noqa: E402
+
 log = logging.getLogger("defectkit.anomaly")
 
 RECON_MODELS = ("conv_ae", "unet_ae", "fc_ae", "vae")
@@ -102,19 +103,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _manifest(args) -> tuple[Path, dict]:
     from defectkit.datasets import synthetic
-    from defectkit.datasets.mvtec import index_dataset
-    from defectkit.datasets.split import build_manifest, read_manifest, write_manifest
+    from defectkit.datasets.split import load_or_build_manifest
 
     root = args.data or synthetic.generate(progress=False)
     path = args.manifest or WORK / "out" / Path(root).resolve().name / "manifest.json"
-    if path.is_file():
-        manifest = read_manifest(path)
-    else:
-        manifest = build_manifest(index_dataset(root, "all"), seed=args.seed)
-        write_manifest(manifest, path)
+    manifest = load_or_build_manifest(root, path, "all", args.seed)
     if args.category is not None and args.category not in manifest["categories"]:
         raise ValueError(f"category {args.category!r} is not in {path} (has {manifest['categories']})")
-    manifest["path"] = str(path)
     return Path(root), manifest
 
 

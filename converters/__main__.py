@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from defectkit import WORK
 from defectkit.converters.convert import (
     FORMATS,
     ConvertConfig,
@@ -20,10 +21,7 @@ from defectkit.converters.convert import (
 )
 from defectkit.converters.instances import CLASS_SCHEMES
 from defectkit.datasets import synthetic
-from defectkit.datasets.mvtec import index_dataset
-from defectkit.datasets.split import build_manifest, read_manifest, write_manifest
-
-WORK = Path(__file__).resolve().parents[1] / "work"
+from defectkit.datasets.split import load_or_build_manifest
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,13 +51,7 @@ def main(args: argparse.Namespace) -> dict:
     base = WORK / "out" / Path(root).resolve().name
     manifest_path = args.manifest or base / "manifest.json"
     categories = None if args.category == "all" else [args.category]
-    if manifest_path.is_file():
-        manifest = read_manifest(manifest_path)
-    else:
-        manifest = build_manifest(index_dataset(root, args.category), seed=args.seed)
-        write_manifest(manifest, manifest_path)
-        print(f"wrote split manifest (seed {args.seed}): {manifest_path}")
-    manifest["path"] = str(manifest_path)
+    manifest = load_or_build_manifest(root, manifest_path, args.category, args.seed)
     license_ = args.license or ("synthetic" if (Path(root) / synthetic.STAMP).is_file() else "mvtec_ad")
     cfg = ConvertConfig(formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), scheme=args.scheme,
                         min_area=args.min_area, copy_images=args.copy, train_good=args.train_good,

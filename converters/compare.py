@@ -35,6 +35,7 @@ import numpy as np
 
 from defectkit.converters.canonical import ImageRecord, read_records
 from defectkit.converters.detection_eval import coco_evaluate, image_auroc
+from defectkit.converters.instances import decode_rle
 
 log = logging.getLogger("defectkit.compare")
 PRED_FILES = ("predictions.jsonl", "cascade_predictions.jsonl")
@@ -71,8 +72,6 @@ def _union(rec: ImageRecord | None, hw, conf: float) -> np.ndarray | None:
     m = np.zeros(hw, bool)
     for k, rle in enumerate(rec.masks):
         if rec.scores is None or rec.scores[k] >= conf:
-            from defectkit.converters.instances import decode_rle
-
             m |= decode_rle(rle)
     return m
 
@@ -86,8 +85,6 @@ def _pixel_scores(rec: ImageRecord, run_dir: Path, hw) -> np.ndarray | None:
         return upsample(a[None], hw)[0]
     if rec.masks is None:
         return None
-    from defectkit.converters.instances import decode_rle
-
     s = np.zeros(hw, np.float32)
     for k, rle in enumerate(rec.masks):
         s = np.maximum(s, decode_rle(rle) * float(rec.scores[k] if rec.scores is not None else 1.0))
@@ -98,24 +95,30 @@ def run_name(path: Path, header: dict) -> str:
     return header.get("model", path.parent.name) + (" (cascade)" if path.name.startswith("cascade") else "")
 
 
-def load_group(paths: list[Path]) -> tuple[dict, list[ImageRecord], dict[str, Path]]:
-    """Several prediction files of one model (e.g. one anomaly run per category) as one run."""
-    header, preds, dirs = None, [], {}
-    for p in paths:
+def load_runs(runs: list[Path]) -> dict[str, tuple[list[Path], dict, list[ImageRecord], dict[str, Path]]]:
+    """Every prediction file of ``runs``, read once, grouped by model: several files of one model
+    (one anomaly run per category) become one run.  ``{name: (paths, header, records, run folder
+    per image)}``."""
+    out: dict[str, tuple[list[Path], dict, list[ImageRecord], dict[str, Path]]] = {}
+    for p in find_prediction_files(runs):
         h, recs = read_records(p)
-        if header is not None and h["classes"] != header["classes"]:
+        name = run_name(p, h)
+        if name not in out:
+            out[name] = ([], h, [], {})
+        paths, header, preds, dirs = out[name]
+        if h["classes"] != header["classes"]:
             raise ValueError(f"{p}: classes {h['classes']} differ from {paths[0]}'s {header['classes']}")
-        header = header or h
+        paths.append(p)
         preds += recs
         dirs.update({r.image: p.parent for r in recs})
-    return header, preds, dirs
+    return out
 
 
-def score_run(paths: list[Path], gt: list[ImageRecord], classes: list[str], conf: float = 0.25) -> dict:
-    """All metrics of one model's prediction files against the ground-truth test records."""
+def score_run(run: tuple, gt: list[ImageRecord], classes: list[str], conf: float = 0.25) -> dict:
+    """All metrics of one model (an entry of :func:`load_runs`) against the ground-truth records."""
     from defectkit.anomaly.metrics import auroc
 
-    header, preds, dirs = load_group(paths)
+    paths, header, preds, dirs = run
     path = paths[0]
     run_dir = path.parent
     by_image = {r.image: r for r in preds}
@@ -268,7 +271,7 @@ def _plots(results, gt, data_root: Path, conf: float) -> list[tuple[str, str]]:
     return figs
 
 
-def _examples(results, files, gt, data_root: Path, conf: float, n: int = 6) -> list[tuple[str, str]]:
+def _examples(results, groups, gt, data_root: Path, conf: float, n: int = 6) -> list[tuple[str, str]]:
     """Ground truth and every model's output side by side; worst mean pixel IoU first."""
     import matplotlib
 
@@ -279,7 +282,7 @@ def _examples(results, files, gt, data_root: Path, conf: float, n: int = 6) -> l
 
     defect = [g for g in gt if g.defect_type != "good"]
     worst = sorted(defect, key=lambda g: np.mean([r["per_image_iou"].get(g.image, 0.0) for r in results]))[:n]
-    preds = [{p.image: p for p in load_group(fs)[1]} for fs in files]
+    preds = [{p.image: p for p in g[2]} for g in groups]
     out = []
     for g in worst:
         img = read_image(data_root / g.image)
@@ -308,7 +311,8 @@ def _examples(results, files, gt, data_root: Path, conf: float, n: int = 6) -> l
     return out
 
 
-def write_report(out: Path, results, files, gt, data_root: Path, conf: float) -> Path:
+def write_report(out: Path, results, groups, gt, data_root: Path, conf: float) -> Path:
+    """``groups``: the runs of :func:`load_runs`, in ``results`` order."""
     md = table(results)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>defectkit comparison</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse}"
@@ -319,7 +323,7 @@ def write_report(out: Path, results, files, gt, data_root: Path, conf: float) ->
     for title, b64 in _plots(results, gt, data_root, conf):
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>")
     parts.append("<h2>Examples, worst cases first</h2>")
-    for name, b64 in _examples(results, files, gt, data_root, conf):
+    for name, b64 in _examples(results, groups, gt, data_root, conf):
         parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'></figure>")
     parts.append("</body></html>")
     path = out / "report.html"
@@ -353,22 +357,17 @@ def _rows_html(rows) -> str:
 
 def compare(gt_path: Path, runs: list[Path], out: Path, conf: float = 0.25, fold: str = "test") -> list[dict]:
     header, gt_all = read_records(gt_path)
-    files = find_prediction_files(runs)
-    images = set()
-    for f in files:
-        images |= {r.image for r in read_records(f)[1]}
+    loaded = load_runs(runs)
+    images = {r.image for _, _, preds, _ in loaded.values() for r in preds}
     gt = [g for g in gt_all if g.fold == fold and g.image in images]
     if not gt:
         raise ValueError(f"none of the runs predicted an image of {gt_path}'s {fold} fold")
-    groups: dict[str, list[Path]] = {}
-    for f in files:
-        groups.setdefault(run_name(f, read_records(f)[0]), []).append(f)
-    results = [score_run(fs, gt, header["classes"], conf) for fs in groups.values()]
+    results = [score_run(run, gt, header["classes"], conf) for run in loaded.values()]
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(table(results) + "\n")
     (out / "comparison.json").write_text(json.dumps({"ground_truth": str(gt_path), "fold": fold, "conf": conf,
                                                      "runs": results}, indent=1, default=float) + "\n")
-    write_report(out, results, list(groups.values()), gt, Path(header["data_root"]), conf)
+    write_report(out, results, list(loaded.values()), gt, Path(header["data_root"]), conf)
     return results
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.converters.canonical import ImageRecord, read_records
-from defectkit.converters.compare import find_prediction_files, load_group, run_name
+from defectkit.converters.compare import load_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,9 +77,7 @@ def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None =
     classes = header["classes"]
     data_root = Path(header["data_root"])
     gt = [g for g in gt if fold is None or g.fold == fold]
-    groups: dict[str, list[Path]] = {}
-    for f in find_prediction_files(runs):
-        groups.setdefault(run_name(f, read_records(f)[0]), []).append(f)
+    groups = load_runs(runs)
 
     if overwrite and name in fo.list_datasets():
         fo.delete_dataset(name)
@@ -99,8 +97,7 @@ def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None =
         samples[g.image] = s
 
     run_fields = {}
-    for rname, files in groups.items():
-        rh, preds, dirs = load_group(files)
+    for rname, (_, rh, preds, dirs) in groups.items():
         fld = field_name(rname)
         run_fields[fld] = rh
         anomaly = rh.get("kind_of_model") == "anomaly"

@@ -18,13 +18,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from defectkit import WORK
 from defectkit.datasets import synthetic
 from defectkit.datasets.mvtec import index_dataset, scan_category
 from defectkit.datasets.split import DEFAULT_FRACTIONS, build_manifest, write_manifest
 from defectkit.datasets.stats import compute_stats, format_table, write_stats
 
 log = logging.getLogger("defectkit.datasets")
-WORK = Path(__file__).resolve().parents[1] / "work"
 
 
 def get_args_parser() -> argparse.ArgumentParser:

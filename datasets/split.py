@@ -176,3 +176,18 @@ def entries(manifest: dict, *, fold: str | None = None, category: str | None = N
         and (category is None or e["category"] == category)
         and (source_split is None or e["source_split"] == source_split)
     ]
+
+
+def load_or_build_manifest(root: str | Path, path: str | Path, category: str = "all", seed: int = 0) -> dict:
+    """The manifest at ``path``, written first (for ``category`` of ``root``, with ``seed``) when
+    it does not exist yet.  The returned dict carries its file in ``"path"``."""
+    from defectkit.datasets.mvtec import index_dataset
+
+    path = Path(path)
+    if path.is_file():
+        manifest = read_manifest(path)
+    else:
+        manifest = build_manifest(index_dataset(root, category), seed=seed)
+        write_manifest(manifest, path)
+    manifest["path"] = str(path)
+    return manifest

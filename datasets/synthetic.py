@@ -28,13 +28,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectkit import WORK
 from defectkit.datasets.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 STAMP = ".defectkit_synthetic.json"
-DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "work" / "data" / "defectkit_synth"
+DEFAULT_ROOT = WORK / "data" / "defectkit_synth"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / "work"
+from defectkit import WORK  # noqa: E402
+
 log = logging.getLogger("defectkit.finetune.sam")
 
 

@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / "work"
+from defectkit import WORK  # noqa: E402
+
 log = logging.getLogger("defectkit.finetune.yolo")
 
 # name -> family (world | yolo), task, model yaml, pretrained weights file (Ultralytics names)
