@@ -40,7 +40,7 @@ CONVERT_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --seed $(SEE
 # YOLO: the offline from-scratch recipe by default (no weights can be downloaded here);
 # with weights in work/weights: YOLO_ARGS="--text-embeddings clip --epochs 100 --imgsz 640"
 MODEL ?= conv_ae
-ANOMALY_ARGS ?= --size 128 --epochs 12 --augment
+ANOMALY_ARGS ?= --imgsz 128 --epochs 12 --augment
 YOLO_MODEL ?= yolov8n-worldv2
 YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 40 --imgsz 256 --batch 8
 SAM_MODEL ?= tiny
@@ -106,7 +106,7 @@ demo: setup
 	@echo "== 6/7 comparison on the test fold"
 	$(MAKE) --no-print-directory compare
 	@echo "== 7/7 FiftyOne dataset"
-	$(PY) -m defectkit.converters.review --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME) | tail -2
+	$(PY) -m defectkit.review.fiftyone_dataset --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME)
 	@echo
 	@echo "demo done. Report: $(COMPARE_DIR)/report.html   Table: $(COMPARE_DIR)/comparison.md"
 	@echo "Browse it in FiftyOne: make app   (http://127.0.0.1:$(APP_PORT)/datasets/$(APP_NAME))"
@@ -120,12 +120,10 @@ $(CONVERTED): $(MANIFEST)
 $(ANOMALY_RUN)/.done: $(MANIFEST)
 	$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(MANIFEST) \
 		--model $(MODEL) $(ANOMALY_ARGS) --out $(ANOMALY_RUN)
-	touch $@
+	touch $@  # only after train.py succeeded; its own outputs are written atomically
 
 $(YOLO_RUN)/metrics.json: $(CONVERTED)
-	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) \
-		--project work/runs/yolo --name $(notdir $(YOLO_RUN)) 2>&1 | grep -v "it/s\|━\|──" || true
-	test -f $@
+	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) --out $(YOLO_RUN)
 
 $(SAM_RUN)/metrics.json: $(CONVERTED) $(YOLO_RUN)/metrics.json
 	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) \
@@ -135,10 +133,10 @@ bench-sam: convert
 	$(PY) -m defectkit.finetune.bench_sam_cache --data $(CONV_DIR)
 
 compare: setup
-	$(PY) -m defectkit.converters.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR)
+	$(PY) -m defectkit.review.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR)
 
 app: setup
-	$(PY) -m defectkit.converters.review --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME) \
+	$(PY) -m defectkit.review.fiftyone_dataset --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME) \
 		--launch --port $(APP_PORT)
 
 generate: setup
@@ -160,8 +158,7 @@ bench-convert: setup
 	$(PY) -m defectkit.converters.bench_convert $(if $(DATA),--data $(DATA) --scale 1) --category $(CATEGORY)
 
 finetune-yolo: convert
-	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) \
-		--project work/runs/yolo --name $(notdir $(YOLO_RUN))
+	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) --out $(YOLO_RUN)
 
 finetune-sam: convert
 	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --out $(SAM_RUN) \

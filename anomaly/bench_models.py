@@ -39,14 +39,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "aupro": m.get("pixel", {}).get("aupro"), "latent_knn": m.get("latent_knn_auroc"),
                      "train_s": m["train_seconds"], "images_per_s": m["images_per_s"], "epochs": m["epochs_run"]})
     ref = rows[0]
-    lines = [f"{a.category} ({a.data or 'embedded synthetic'}), args: {' '.join(extra) or '(defaults)'}", "",
-             "| model | image AUROC | pixel AUROC | AUPRO@30% | latent kNN AUROC | epochs | train s | x ref | images/s | x ref |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{a.category} ({a.data or 'embedded synthetic'}), args: {' '.join(extra) or '(defaults)'}",
+        "",
+        "| model | image AUROC | pixel AUROC | AUPRO@30% | latent kNN AUROC | epochs | train s | x ref | images/s "
+        "| x ref |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['model']} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['aupro'])} | {f(r['latent_knn'])} "
-                     f"| {r['epochs']} | {r['train_s']:.0f} | {r['train_s'] / ref['train_s']:.2f} | {r['images_per_s']:.0f} "
-                     f"| {r['images_per_s'] / ref['images_per_s']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['aupro'])} | {f(r['latent_knn'])} "
+            f"| {r['epochs']} | {r['train_s']:.0f} | {r['train_s'] / ref['train_s']:.2f} | {r['images_per_s']:.0f} "
+            f"| {r['images_per_s'] / ref['images_per_s']:.2f} |"
+        )
     print("\n".join(lines))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)

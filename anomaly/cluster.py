@@ -16,13 +16,15 @@ its test images those of the test fold that the fitted K-Means assigns to it), a
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from defectkit.core.atomic import atomic_write_json
 
 
 def thumbnail_features(rgb: np.ndarray) -> np.ndarray:
@@ -67,11 +69,9 @@ def _features(paths: list[Path], kind: str, weights: Path | None) -> np.ndarray:
     return f.flatten(1).numpy()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m defectkit.anomaly.cluster", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--categories", required=True, help="comma-separated categories pooled into one folder")
@@ -81,18 +81,35 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--train", action="store_true", help="train one anomaly model per cluster (arguments after --)")
-    a = p.parse_args(own)
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
 
-    from defectkit.anomaly.train import WORK, _manifest
-    from defectkit.datasets.split import entries, write_manifest
 
-    root, manifest = _manifest(argparse.Namespace(data=a.data, manifest=a.manifest, category=None, seed=a.seed))
+def cluster_manifest(manifest: dict, name: str, train, train_clusters, held, held_clusters, c: int) -> dict:
+    """A manifest where cluster ``c`` plays the role of one category called ``name``."""
+    ents = [{**e.__dict__, "category": name} for e, cl in zip(train, train_clusters, strict=True) if cl == c]
+    ents += [{**e.__dict__, "category": name} for e, cl in zip(held, held_clusters, strict=True) if cl == c]
+    return {**{k: v for k, v in manifest.items() if k != "path"}, "categories": [name], "entries": ents}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``argv``: this tool's flags, then ``--`` and the ``anomaly/train.py`` flags for --train."""
+    from defectkit.core.cli import setup_logging
+    from defectkit.core.paths import WORK
+    from defectkit.datasets.split import entries, resolve_manifest
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    a = get_args_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    setup_logging(a.quiet)
+    root, manifest = resolve_manifest(a.data, a.manifest, a.seed)
     cats = a.categories.split(",")
     k = a.k or len(cats)
     train = [e for c in cats for e in entries(manifest, category=c, source_split="train")]
     held = [e for c in cats for e in entries(manifest, category=c, source_split="test")]
-    model = kmeans(_features([root / e.image for e in train], a.features, a.backbone_weights), k, a.seed)
-    clusters = model.predict(_features([root / e.image for e in train], a.features, a.backbone_weights))
+    feats = _features([root / e.image for e in train], a.features, a.backbone_weights)
+    model = kmeans(feats, k, a.seed)
+    clusters = model.predict(feats)
     truth = np.array([e.category for e in train])
     report = {"categories": cats, "k": k, "features": a.features, "images": len(train),
               "purity": purity(clusters, truth),
@@ -100,22 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = a.out or WORK / "runs" / "anomaly" / f"clusters-{'-'.join(cats)}-k{k}"
     out.mkdir(parents=True, exist_ok=True)
     if a.train:
-        from defectkit.anomaly import train as T
-
-        held_clusters = model.predict(_features([root / e.image for e in held], a.features, a.backbone_weights))
-        report["runs"] = {}
-        for c in range(k):
-            name = f"cluster{c}"
-            ents = [{**e.__dict__, "category": name} for e, cl in zip(train, clusters, strict=True) if cl == c]
-            ents += [{**e.__dict__, "category": name} for e, cl in zip(held, held_clusters, strict=True) if cl == c]
-            sub = {**{k_: v for k_, v in manifest.items() if k_ != "path"}, "categories": [name], "entries": ents}
-            mpath = write_manifest(sub, out / name / "manifest.json")
-            args = T.get_args_parser().parse_args([*(["--data", str(root)] if a.data else []), "--category", name,
-                                                   "--manifest", str(mpath), "--out", str(out / name / "run"), *extra])
-            m = T.main(args)
-            report["runs"][name] = {"image_auroc": m["image"]["auroc"], "pixel_auroc": m.get("pixel", {}).get("auroc"),
-                                    "test_images": m["test_images"]}
-    (out / "clusters.json").write_text(json.dumps(report, indent=1) + "\n")
+        report["runs"] = _train_clusters(root, manifest, model, a, extra, out, train, clusters, held, k)
+    atomic_write_json(out / "clusters.json", report)
     print(f"K-Means (k={k}, {a.features}) over {len(train)} train/good images of {', '.join(cats)}: "
           f"purity {report['purity']:.3f}; " + "; ".join(f"{n}: {v}" for n, v in report["clusters"].items()))
     for n, r in report.get("runs", {}).items():
@@ -123,5 +126,36 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def _train_clusters(root, manifest, model, a, extra, out, train, clusters, held, k) -> dict:
+    """One anomaly model per cluster, through the trainer's own config (no Namespace is faked)."""
+    from defectkit.anomaly.config import DataConfig, RunConfig
+    from defectkit.anomaly.train import get_args_parser as train_parser
+    from defectkit.anomaly.train import run_category
+    from defectkit.datasets.split import write_manifest
+
+    base = RunConfig.from_args(train_parser().parse_args(extra))
+    held_clusters = model.predict(_features([root / e.image for e in held], a.features, a.backbone_weights))
+    runs = {}
+    for c in range(k):
+        name = f"cluster{c}"
+        mpath = write_manifest(cluster_manifest(manifest, name, train, clusters, held, held_clusters, c),
+                               out / name / "manifest.json")
+        cfg = dataclasses.replace(base, out=out / name / "run",
+                                  data=DataConfig(data=a.data, category=name, manifest=mpath, seed=a.seed,
+                                                  holdout=base.data.holdout,
+                                                  cutpaste_per_image=base.data.cutpaste_per_image,
+                                                  val_fold=base.data.val_fold))
+        m = run_category(cfg)
+        runs[name] = {"image_auroc": m["image"]["auroc"], "pixel_auroc": m.get("pixel", {}).get("auroc"),
+                      "test_images": m["test_images"]}
+    return runs
+
+
 if __name__ == "__main__":
-    main()
+    from defectkit.core.errors import DefectkitError
+
+    try:
+        main()
+    except DefectkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectkit.core.errors import ConfigError
 from defectkit.datasets.image_files import read_image, read_mask
 
 INPUTS = ("rgb", "gray", "fft")
@@ -24,7 +25,7 @@ def fft_log_magnitude(gray: np.ndarray, eps: float = 1e-8) -> np.ndarray:
 def prepare(rgb: np.ndarray, size: int, mode: str) -> np.ndarray:
     """One ``(H, W, 3)`` uint8 image to a ``(C, size, size)`` float32 model input in [0, 1]."""
     if mode not in INPUTS:
-        raise ValueError(f"unknown input {mode!r}; choose one of {INPUTS}")
+        raise ConfigError(f"unknown input {mode!r}; choose one of {INPUTS}")
     img = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
     if mode == "rgb":
         return img.transpose(2, 0, 1).astype(np.float32) / 255.0

@@ -13,6 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from defectkit.anomaly.config import FeatureConfig
+from defectkit.core.errors import ConfigError, MissingFileError
+
 # torchvision's file names for the ImageNet weights it would download
 WEIGHT_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth",
                 "wide_resnet50_2": "wide_resnet50_2-9ba9bcbe.pth"}
@@ -37,7 +40,7 @@ def load_backbone(name: str, weights: Path | None = None, random_init: bool = Fa
         if c is not None and Path(c).is_file():
             net.load_state_dict(torch.load(c, map_location="cpu", weights_only=True))
             return net.eval()
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"ImageNet weights for {name} not found (looked at {', '.join(str(c) for c in candidates if c)}). "
         f"This machine cannot download them: copy {WEIGHT_FILES[name]} from a machine where torchvision has it "
         f"(~/.cache/torch/hub/checkpoints) and pass --backbone-weights PATH, or use --random-init for a smoke test."
@@ -45,10 +48,10 @@ def load_backbone(name: str, weights: Path | None = None, random_init: bool = Fa
 
 
 class _Features:
-    def __init__(self, args, device: str):
-        self.net = load_backbone(args.backbone, args.backbone_weights, args.random_init).to(device)
+    def __init__(self, cfg: FeatureConfig, device: str):
+        self.net = load_backbone(cfg.backbone, cfg.backbone_weights, cfg.random_init).to(device)
         self.device = device
-        self.size = args.size
+        self.size = cfg.imgsz
         self.batch = 16
 
     def _prep(self, x: np.ndarray) -> torch.Tensor:
@@ -108,11 +111,11 @@ class PatchCoreScorer(_Features):
     distance to the nearest memory patch; maps are upsampled and Gaussian-smoothed; the image
     score is the map maximum."""
 
-    def __init__(self, args, device: str):
-        super().__init__(args, device)
-        self.fraction = args.coreset
-        self.sigma = args.sigma
-        self.seed = args.seed
+    def __init__(self, cfg: FeatureConfig, device: str):
+        super().__init__(cfg, device)
+        self.fraction = cfg.coreset
+        self.sigma = cfg.sigma
+        self.seed = cfg.seed
 
     @torch.no_grad()
     def _patches(self, t: torch.Tensor) -> torch.Tensor:
@@ -166,9 +169,9 @@ def coreset(feats: torch.Tensor, fraction: float, seed: int = 0, proj_dim: int =
     return feats[chosen]
 
 
-def build_feature_model(args, device: str):
-    if args.model == "ocsvm":
-        return OCSVMScorer(args, device)
-    if args.model == "patchcore":
-        return PatchCoreScorer(args, device)
-    raise ValueError(f"unknown feature model {args.model!r}")
+def build_feature_model(cfg: FeatureConfig, device: str):
+    if cfg.model == "ocsvm":
+        return OCSVMScorer(cfg, device)
+    if cfg.model == "patchcore":
+        return PatchCoreScorer(cfg, device)
+    raise ConfigError(f"unknown feature model {cfg.model!r}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from defectkit.core.errors import ConfigError
+
 
 def _down(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True),
@@ -18,8 +20,14 @@ def _down(cin: int, cout: int) -> nn.Sequential:
 
 
 def _up(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True),
-                         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True))
+    return nn.Sequential(
+        nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.2, True),
+        nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.2, True),
+    )
 
 
 def _widths(base: int, depth: int) -> list[int]:
@@ -32,11 +40,16 @@ class ConvAE(nn.Module):
     def __init__(self, in_ch: int = 3, base: int = 32, depth: int = 4, latent: int = 64):
         super().__init__()
         w = _widths(base, depth)
-        self.encoder = nn.Sequential(*[_down(cin, cout) for cin, cout in zip([in_ch, *w[:-1]], w, strict=True)],
-                                     nn.Conv2d(w[-1], latent, 1))
-        self.decoder = nn.Sequential(nn.Conv2d(latent, w[-1], 1), nn.LeakyReLU(0.2, True),
-                                     *[_up(cin, cout) for cin, cout in zip(w[::-1], [*w[::-1][1:], base], strict=True)],
-                                     nn.Conv2d(base, in_ch, 3, 1, 1), nn.Sigmoid())
+        self.encoder = nn.Sequential(
+            *[_down(cin, cout) for cin, cout in zip([in_ch, *w[:-1]], w, strict=True)], nn.Conv2d(w[-1], latent, 1)
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent, w[-1], 1),
+            nn.LeakyReLU(0.2, True),
+            *[_up(cin, cout) for cin, cout in zip(w[::-1], [*w[::-1][1:], base], strict=True)],
+            nn.Conv2d(base, in_ch, 3, 1, 1),
+            nn.Sigmoid(),
+        )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x).mean(dim=(2, 3))
@@ -50,14 +63,17 @@ class UNetAE(nn.Module):
     ``skips`` says which levels keep theirs (0 = the shallowest, full-resolution level).  The
     default drops the two shallowest; ``skips=()`` is a plain autoencoder with U-Net widths."""
 
-    def __init__(self, in_ch: int = 3, base: int = 32, depth: int = 4, latent: int = 64,
-                 skips: tuple[int, ...] | None = None):
+    def __init__(
+        self, in_ch: int = 3, base: int = 32, depth: int = 4, latent: int = 64, skips: tuple[int, ...] | None = None
+    ):
         super().__init__()
         self.depth = depth
         self.skips = tuple(range(2, depth - 1)) if skips is None else tuple(skips)
         w = _widths(base, depth)
         self.downs = nn.ModuleList(_down(cin, cout) for cin, cout in zip([in_ch, *w[:-1]], w, strict=True))
-        self.bottleneck = nn.Sequential(nn.Conv2d(w[-1], latent, 1), nn.LeakyReLU(0.2, True), nn.Conv2d(latent, w[-1], 1))
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(w[-1], latent, 1), nn.LeakyReLU(0.2, True), nn.Conv2d(latent, w[-1], 1)
+        )
         # up stage i produces the resolution of down stage (depth - 2 - i); it concatenates that
         # stage's features when the level is in `skips`
         self.ups = nn.ModuleList()
@@ -146,13 +162,20 @@ class ConvVAE(nn.Module):
 MODELS = {"conv_ae": ConvAE, "unet_ae": UNetAE, "fc_ae": FCAE, "vae": ConvVAE}
 
 
-def build_model(name: str, in_ch: int, size: int, base: int = 32, depth: int = 4, latent: int | None = None,
-                skips: tuple[int, ...] | None = None) -> nn.Module:
+def build_model(
+    name: str,
+    in_ch: int,
+    size: int,
+    base: int = 32,
+    depth: int = 4,
+    latent: int | None = None,
+    skips: tuple[int, ...] | None = None,
+) -> nn.Module:
     """A model from :data:`MODELS` for ``in_ch``-channel ``size`` px inputs."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if name != "fc_ae" and size % 2**depth:
-        raise ValueError(f"input size {size} must be a multiple of 2**depth = {2 ** depth}")
+        raise ConfigError(f"input size {size} must be a multiple of 2**depth = {2**depth}")
     if name == "fc_ae":
         return FCAE(in_ch, size, latent=latent or 32)
     if name == "unet_ae":

@@ -71,8 +71,12 @@ def write_plots(out: Path, inputs, recon, maps, masks, scores, labels, types, la
         panels = [("input", _img(inputs[i]))] + ([("reconstruction", _img(recon[i]))] if recon is not None else [])
         panels += [("anomaly map", maps[i]), ("ground truth", masks[i])]
         for c, (name, im) in enumerate(panels):
-            ax[r, c].imshow(im, cmap="gray" if im.ndim == 2 and name != "anomaly map" else "jet" if name == "anomaly map" else None,
-                            vmin=0 if name != "anomaly map" else None, vmax=1 if name != "anomaly map" else None)
+            ax[r, c].imshow(
+                im,
+                cmap="gray" if im.ndim == 2 and name != "anomaly map" else "jet" if name == "anomaly map" else None,
+                vmin=0 if name != "anomaly map" else None,
+                vmax=1 if name != "anomaly map" else None,
+            )
             ax[r, c].set_xticks([]), ax[r, c].set_yticks([])
             if c == 0:
                 ax[r, c].set_ylabel(f"{what}\n{types[i]} {scores[i]:.3g}", fontsize=7)
@@ -92,14 +96,20 @@ def projections(path: Path, inputs, latents, types, plt=None) -> Path:
     from sklearn.manifold import TSNE
 
     plt = plt or _plt()
-    pix = np.stack([cv2.resize(_img(x).astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA).ravel() for x in inputs])
+    pix = np.stack(
+        [cv2.resize(_img(x).astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA).ravel() for x in inputs]
+    )
     spaces = [("pixels", pix)] + ([("encoder latent", np.asarray(latents))] if latents is not None else [])
     fig, ax = plt.subplots(len(spaces), 2, figsize=(9, 4 * len(spaces)), squeeze=False)
     t = np.asarray(types)
     for r, (name, feats) in enumerate(spaces):
         emb = [("PCA", PCA(2).fit_transform(feats))]
-        emb.append(("t-SNE", TSNE(2, perplexity=min(30, max(2, len(feats) // 4)), init="pca",
-                                  random_state=0).fit_transform(feats)))
+        emb.append(
+            (
+                "t-SNE",
+                TSNE(2, perplexity=min(30, max(2, len(feats) // 4)), init="pca", random_state=0).fit_transform(feats),
+            )
+        )
         for c, (method, e) in enumerate(emb):
             for d in sorted(set(t)):
                 ax[r, c].scatter(*e[t == d].T, s=12, label=d, marker="o" if d == "good" else "^")

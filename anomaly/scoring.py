@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from defectkit.core.errors import ConfigError
+
 MAP_KINDS = ("mse", "ssim", "mse_ssim")
 
 
@@ -30,7 +32,7 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11) -> torch.Tensor
 def error_map(x: torch.Tensor, recon: torch.Tensor, kind: str = "mse", ssim_lambda: float = 0.84) -> torch.Tensor:
     """``(B, H, W)`` per-pixel anomaly from input and reconstruction."""
     if kind not in MAP_KINDS:
-        raise ValueError(f"unknown map kind {kind!r}; choose one of {MAP_KINDS}")
+        raise ConfigError(f"unknown map kind {kind!r}; choose one of {MAP_KINDS}")
     mse = ((x - recon) ** 2).mean(1)
     if kind == "mse":
         return mse

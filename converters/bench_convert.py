@@ -92,7 +92,9 @@ def main(args: argparse.Namespace) -> dict:
 
         rows = [("decode masks only (reference)", _best(decode, args.repeat))]
         no_maps = tuple(f for f in FORMATS if f != "label_maps")
-        rows.append(("ours, all but PNG label maps, verify off, 1 process", _best(ours(1, False, no_maps), args.repeat)))
+        rows.append(
+            ("ours, all but PNG label maps, verify off, 1 process", _best(ours(1, False, no_maps), args.repeat))
+        )
         rows.append(("ours, all formats, verify off, 1 process", _best(ours(1, False), args.repeat)))
         rows.append(("ours, all formats + fidelity check, 1 process", _best(ours(1, True), args.repeat)))
         if (os.cpu_count() or 1) >= 2:

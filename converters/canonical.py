@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.converters.instances import decode_rle
-from defectkit.datasets.atomic import atomic_write_text
+from defectkit.core.atomic import atomic_write_text
+from defectkit.core.errors import DataError, MissingFileError
 
 FORMAT = "defectkit.predictions/1"
 KINDS = ("ground_truth", "predictions")
 
 
-class PredictionsFormatError(ValueError):
+class PredictionsFormatError(DataError):
     """A predictions file breaks the canonical format; the message names file, line and field."""
 
 
@@ -154,7 +155,7 @@ def read_records(path: str | Path) -> tuple[dict, list[ImageRecord]]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"predictions file {path} does not exist") from None
+        raise MissingFileError(f"predictions file {path} does not exist") from None
     lines = text.splitlines()
     try:
         header = json.loads(lines[0]) if lines else None

@@ -45,8 +45,9 @@ from defectkit.converters.instances import (
     polygon_to_mask,
     select,
 )
-from defectkit.datasets.atomic import atomic_dir, atomic_write_text
-from defectkit.datasets.image_files import ImageReadError, read_header, read_mask
+from defectkit.core.atomic import atomic_dir, atomic_write_text
+from defectkit.core.errors import ConfigError, DataError
+from defectkit.datasets.image_files import ImageReadError, check_complete, read_header, read_mask
 from defectkit.datasets.split import FOLDS, ManifestEntry, entries
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ LICENSES = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(DataError):
     """Bad input for a conversion; the message names the file."""
 
 
@@ -77,7 +78,7 @@ class ConvertConfig:
     def __post_init__(self):
         bad = [f for f in self.formats if f not in FORMATS]
         if bad:
-            raise ValueError(f"unknown formats {bad}; choose from {FORMATS}")
+            raise ConfigError(f"unknown formats {bad}; choose from {FORMATS}")
 
 
 @dataclass
@@ -125,6 +126,7 @@ def _convert_one(args: tuple) -> ImageResult:
     img_path = root / e.image
     try:
         hw, ch = read_header(img_path)
+        check_complete(img_path)  # images are linked, never decoded here: catch truncation now
     except ImageReadError as err:
         raise ConversionError(str(err)) from err
     res = ImageResult(flat_name(e), e.fold, e_dict, str(img_path.resolve()), hw, ch)
@@ -179,15 +181,18 @@ def _convert_one(args: tuple) -> ImageResult:
                 lo = np.minimum(np.floor(p.min(0)), box[:2]).astype(int)
                 hi = np.maximum(np.floor(p.max(0)) + 1, box[2:]).astype(int)
                 r = polygon_to_mask(p - lo, (hi[1] - lo[1], hi[0] - lo[0]))
-                ious.append(mask_iou(r, m[lo[1] : hi[1], lo[0] : hi[0]]))
+                ious.append(mask_iou(r, m[lo[1] : hi[1], lo[0] : hi[0]], empty=1.0))
                 union[lo[1] : hi[1], lo[0] : hi[0]] |= r
-            fid["yolo_seg"] = {"instance_iou": ious, "image_iou": mask_iou(union, source) if e.mask else None}
+            image_iou = mask_iou(union, source, empty=1.0) if e.mask else None
+            fid["yolo_seg"] = {"instance_iou": ious, "image_iou": image_iou}
     if "coco" in cfg.formats:
         res.coco, res.coco_kept_rle = label_formats.coco_annotations(
-            inst, [c + 1 for c in inst.class_ids], polygons=cfg.coco_polygons, rles=res.rles)
+            inst, [c + 1 for c in inst.class_ids], polygons=cfg.coco_polygons, rles=res.rles
+        )
     if "voc" in cfg.formats:
-        res.voc = label_formats.voc_xml(f"{res.name}{img_path.suffix}", hw, ch, inst.boxes_xyxy, res.labels,
-                                        folder=e.category, path=res.image_abs)
+        res.voc = label_formats.voc_xml(
+            f"{res.name}{img_path.suffix}", hw, ch, inst.boxes_xyxy, res.labels, folder=e.category, path=res.image_abs
+        )
         if verify:
             vb, vn = label_formats.parse_voc_xml(res.voc)
             ok = len(vb) == len(inst) and np.allclose(vb, inst.boxes_xyxy) and vn == res.labels
@@ -201,9 +206,9 @@ def _convert_one(args: tuple) -> ImageResult:
         png = _empty_png(hw) if not len(inst) else cv2.imencode(".png", lm)[1].tobytes()
         out.write_bytes(png)
         if verify:  # the PNG round trip itself is OpenCV's job (and tested in tests/test_convert.py)
-            fid["label_maps"] = {"image_iou": mask_iou(lm > 0, source) if e.mask else None}
+            fid["label_maps"] = {"image_iou": mask_iou(lm > 0, source, empty=1.0) if e.mask else None}
     if verify and e.mask:
-        fid["kept_vs_source_iou"] = mask_iou(inst.masks.any(0) if len(inst) else np.zeros(hw, bool), source)
+        fid["kept_vs_source_iou"] = mask_iou(inst.masks.any(0) if len(inst) else np.zeros(hw, bool), source, empty=1.0)
     res.fidelity = fid
     return res
 
@@ -219,8 +224,11 @@ def _link_or_copy(src: str, dst: Path, copy: bool) -> None:
 def _data_yaml(root: Path, names: Sequence[str], folds: Sequence[str], final_root: Path, note: str) -> str:
     import yaml
 
-    d = {"path": str(final_root.resolve()), **{("val" if f == "val" else f): f"images/{f}" for f in folds},
-         "names": dict(enumerate(names))}
+    d = {
+        "path": str(final_root.resolve()),
+        **{("val" if f == "val" else f): f"images/{f}" for f in folds},
+        "names": dict(enumerate(names)),
+    }
     return f"# {note}\n" + yaml.safe_dump(d, sort_keys=False)
 
 
@@ -231,8 +239,14 @@ def _summ(values: list[float]) -> dict | None:
     return {"mean": float(a.mean()), "min": float(a.min()), "n": len(a)}
 
 
-def convert(data_root: str | Path, manifest: dict, out: str | Path, cfg: ConvertConfig = ConvertConfig(),
-            categories: Sequence[str] | None = None, progress: bool = True) -> dict:
+def convert(
+    data_root: str | Path,
+    manifest: dict,
+    out: str | Path,
+    cfg: ConvertConfig = ConvertConfig(),
+    categories: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict:
     """Convert the manifest's images under ``data_root`` into every format in ``cfg.formats``.
 
     Returns the conversion report (also written as ``fidelity.json``).  Raises
@@ -246,8 +260,10 @@ def convert(data_root: str | Path, manifest: dict, out: str | Path, cfg: Convert
     cats = list(categories or manifest["categories"])
     missing = [c for c in cats if c not in manifest["categories"]]
     if missing:
-        raise ConversionError(f"categories {missing} are not in the split manifest (it has "
-                              f"{manifest['categories']}); rerun `make split` with CATEGORY=...")
+        raise ConversionError(
+            f"categories {missing} are not in the split manifest (it has "
+            f"{manifest['categories']}); rerun `make split` with CATEGORY=..."
+        )
     chosen: list[ManifestEntry] = []
     for c in cats:
         chosen += entries(manifest, category=c, source_split="test")
@@ -269,8 +285,16 @@ def convert(data_root: str | Path, manifest: dict, out: str | Path, cfg: Convert
     return report
 
 
-def _write_outputs(tmp: Path, final: Path, results: list[ImageResult], classes: list[str], folds: list[str],
-                   cfg: ConvertConfig, data_root: Path, manifest: dict) -> dict:
+def _write_outputs(
+    tmp: Path,
+    final: Path,
+    results: list[ImageResult],
+    classes: list[str],
+    folds: list[str],
+    cfg: ConvertConfig,
+    data_root: Path,
+    manifest: dict,
+) -> dict:
     used = [r for r in results if r.skipped is None]
     atomic_write_text(tmp / "classes.txt", "\n".join(classes) + "\n")
     for fmt, key in (("yolo", "yolo"), ("yolo_seg", "yolo_seg")):
@@ -282,8 +306,11 @@ def _write_outputs(tmp: Path, final: Path, results: list[ImageResult], classes: 
             (tmp / fmt / "labels" / r.fold).mkdir(parents=True, exist_ok=True)
             text = getattr(r, key)
             (tmp / fmt / "labels" / r.fold / f"{r.name}.txt").write_text(text + "\n" if text else "")
-        note = ("YOLO detection labels by defectkit" if fmt == "yolo" else
-                "YOLO-seg polygons by defectkit: holes joined to their outline by zero-width cuts")
+        note = (
+            "YOLO detection labels by defectkit"
+            if fmt == "yolo"
+            else "YOLO-seg polygons by defectkit: holes joined to their outline by zero-width cuts"
+        )
         (tmp / fmt / "data.yaml").write_text(_data_yaml(tmp / fmt, classes, folds, final / fmt, note))
     coco_files = {}
     if "coco" in cfg.formats:
@@ -292,15 +319,33 @@ def _write_outputs(tmp: Path, final: Path, results: list[ImageResult], classes: 
         for fold in folds:
             images, anns = [], []
             for i, r in enumerate((r for r in used if r.fold == fold), start=1):
-                images.append({"id": i, "file_name": r.entry["image"], "height": r.image_hw[0],
-                               "width": r.image_hw[1], "license": lic["id"], "category": r.entry["category"],
-                               "defect_type": r.entry["defect_type"], "fold": fold, "key": r.entry["key"]})
+                images.append(
+                    {
+                        "id": i,
+                        "file_name": r.entry["image"],
+                        "height": r.image_hw[0],
+                        "width": r.image_hw[1],
+                        "license": lic["id"],
+                        "category": r.entry["category"],
+                        "defect_type": r.entry["defect_type"],
+                        "fold": fold,
+                        "key": r.entry["key"],
+                    }
+                )
                 for a in r.coco:
                     anns.append({"id": len(anns) + 1, "image_id": i, **a})
-            doc = {"info": {"description": "defectkit conversion of an MVTec-layout dataset",
-                            "data_root": str(data_root.resolve()), "fold": fold, "version": "1.0"},
-                   "licenses": [lic], "images": images, "annotations": anns,
-                   "categories": [{"id": k + 1, "name": n, "supercategory": "defect"} for k, n in enumerate(classes)]}
+            doc = {
+                "info": {
+                    "description": "defectkit conversion of an MVTec-layout dataset",
+                    "data_root": str(data_root.resolve()),
+                    "fold": fold,
+                    "version": "1.0",
+                },
+                "licenses": [lic],
+                "images": images,
+                "annotations": anns,
+                "categories": [{"id": k + 1, "name": n, "supercategory": "defect"} for k, n in enumerate(classes)],
+            }
             coco_files[fold] = tmp / "coco" / f"{fold}.json"
             coco_files[fold].write_text(json.dumps(doc))
     if "voc" in cfg.formats:
@@ -311,24 +356,56 @@ def _write_outputs(tmp: Path, final: Path, results: list[ImageResult], classes: 
         (tmp / "voc" / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
         for fold in folds:
             (tmp / "voc" / "ImageSets" / "Main" / f"{fold}.txt").write_text(
-                "".join(f"{r.name}\n" for r in used if r.fold == fold))
+                "".join(f"{r.name}\n" for r in used if r.fold == fold)
+            )
     if "label_maps" in cfg.formats:
         (tmp / "label_maps").mkdir(exist_ok=True)
         (tmp / "label_maps" / "classes.txt").write_text("\n".join(["background", *classes]) + "\n")
-    header = canonical.make_header("ground_truth", "ground_truth", classes, data_root,
-                                   manifest=manifest.get("path"), scheme=cfg.scheme, seed=manifest.get("seed"))
-    canonical.write_records(tmp / "ground_truth.jsonl", header, (
-        canonical.ImageRecord(image=r.entry["image"], height=r.image_hw[0], width=r.image_hw[1],
-                              boxes_xyxy=np.asarray(r.boxes).reshape(-1, 4), labels=r.labels, masks=r.rles,
-                              key=r.entry["key"], category=r.entry["category"],
-                              defect_type=r.entry["defect_type"], fold=r.fold)
-        for r in results))
+    header = canonical.make_header(
+        "ground_truth",
+        "ground_truth",
+        classes,
+        data_root,
+        manifest=manifest.get("path"),
+        scheme=cfg.scheme,
+        seed=manifest.get("seed"),
+    )
+    canonical.write_records(
+        tmp / "ground_truth.jsonl",
+        header,
+        (
+            canonical.ImageRecord(
+                image=r.entry["image"],
+                height=r.image_hw[0],
+                width=r.image_hw[1],
+                boxes_xyxy=np.asarray(r.boxes).reshape(-1, 4),
+                labels=r.labels,
+                masks=r.rles,
+                key=r.entry["key"],
+                category=r.entry["category"],
+                defect_type=r.entry["defect_type"],
+                fold=r.fold,
+            )
+            for r in results
+        ),
+    )
     report = _fidelity(results, classes, cfg, coco_files, data_root)
     atomic_write_text(tmp / "fidelity.json", json.dumps(report, indent=1) + "\n")
-    atomic_write_text(tmp / "conversion.json", json.dumps(
-        {"data_root": str(data_root.resolve()), "config": {k: v for k, v in asdict(cfg).items() if k != "workers"}, "classes": classes, "folds": folds,
-         "images": {f: sum(r.fold == f for r in used) for f in folds}, "manifest_seed": manifest.get("seed")},
-        indent=1) + "\n")
+    atomic_write_text(
+        tmp / "conversion.json",
+        json.dumps(
+            {
+                "data_root": str(data_root.resolve()),
+                "config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
+                "classes": classes,
+                "folds": folds,
+                "images": {f: sum(r.fold == f for r in used) for f in folds},
+                "manifest_seed": manifest.get("seed"),
+            },
+            indent=1,
+        )
+        + "\n",
+    )
     return report
 
 
@@ -355,26 +432,29 @@ def _coco_check(path: Path, results: list[ImageResult]) -> dict:
             theirs = coco.annToRLE(a)
             counts = theirs["counts"].encode() if isinstance(theirs["counts"], str) else theirs["counts"]
             same = counts == rle["counts"].encode()
-            ious.append(1.0 if same else mask_iou(mask_utils.decode(theirs).astype(bool), decode_rle(rle)))
+            ious.append(1.0 if same else mask_iou(mask_utils.decode(theirs).astype(bool), decode_rle(rle), empty=1.0))
             bbox_ok &= bool(np.allclose(a["bbox"], label_formats.xyxy_to_coco_bbox(box)))
             bbox_ok &= bool(np.allclose(mask_utils.toBbox({**theirs, "counts": counts}), a["bbox"])) or not same
             area_ok &= a["area"] == area and (int(mask_utils.area({**theirs, "counts": counts})) == area or not same)
     return {"instance_iou": ious, "bbox_matches_toBbox": bool(bbox_ok), "area_is_pixel_count": bool(area_ok)}
 
 
-def _fidelity(results: list[ImageResult], classes: list[str], cfg: ConvertConfig, coco_files: dict,
-              data_root: Path) -> dict:
+def _fidelity(
+    results: list[ImageResult], classes: list[str], cfg: ConvertConfig, coco_files: dict, data_root: Path
+) -> dict:
     used = [r for r in results if r.skipped is None]
     per_format: dict[str, dict] = {}
     for fmt in cfg.formats if cfg.verify else ():
         if fmt == "coco":
             checks = [_coco_check(p, used) for p in coco_files.values()]
             ious = [v for c in checks for v in c["instance_iou"]]
-            per_format["coco"] = {"instance_iou": _summ(ious),
-                                  "bbox_matches_toBbox": all(c["bbox_matches_toBbox"] for c in checks),
-                                  "area_is_pixel_count": all(c["area_is_pixel_count"] for c in checks),
-                                  "segmentation": "polygons (RLE for regions with holes)" if cfg.coco_polygons else "rle",
-                                  "regions_kept_as_rle_for_holes": sum(r.coco_kept_rle for r in used)}
+            per_format["coco"] = {
+                "instance_iou": _summ(ious),
+                "bbox_matches_toBbox": all(c["bbox_matches_toBbox"] for c in checks),
+                "area_is_pixel_count": all(c["area_is_pixel_count"] for c in checks),
+                "segmentation": "polygons (RLE for regions with holes)" if cfg.coco_polygons else "rle",
+                "regions_kept_as_rle_for_holes": sum(r.coco_kept_rle for r in used),
+            }
             continue
         f = [r.fidelity[fmt] for r in used if fmt in r.fidelity]
         entry: dict = {}
@@ -408,8 +488,7 @@ def _fidelity(results: list[ImageResult], classes: list[str], cfg: ConvertConfig
         "instances_per_fold": {f: dict(sorted(c.items())) for f, c in sorted(per_fold.items())},
         "formats": per_format,
         "skipped_images": skipped,
-        "regions_dropped_by_min_area": {"min_area": cfg.min_area, "count": dropped,
-                                        "kept_vs_source_iou": _summ(kept)},
+        "regions_dropped_by_min_area": {"min_area": cfg.min_area, "count": dropped, "kept_vs_source_iou": _summ(kept)},
     }
 
 
@@ -420,17 +499,31 @@ def format_report(report: dict) -> str:
     for fmt, f in report["formats"].items():
         inst = f.get("instance_iou")
         img = f.get("image_iou_vs_source")
-        rows.append([fmt, inst and f"{inst['mean']:.4f}", inst and f"{inst['min']:.4f}",
-                     img and f"{img['mean']:.4f} / {img['min']:.4f}",
-                     ", ".join(f"{k}={v}" for k, v in f.items() if k not in ("instance_iou", "image_iou_vs_source"))])
-    lines = [f"converted {report['images']} images ({report['background_images']} backgrounds), scheme "
-             f"{report['scheme']}, {sum(report['instances_per_class'].values())} instances: "
-             + ", ".join(f"{k} {v}" for k, v in report["instances_per_class"].items()),
-             tabulate(rows, ["format", "instance IoU mean", "min", "image IoU mean / min", "checks"],
-                      tablefmt="github", missingval="-")]
+        rows.append(
+            [
+                fmt,
+                inst and f"{inst['mean']:.4f}",
+                inst and f"{inst['min']:.4f}",
+                img and f"{img['mean']:.4f} / {img['min']:.4f}",
+                ", ".join(f"{k}={v}" for k, v in f.items() if k not in ("instance_iou", "image_iou_vs_source")),
+            ]
+        )
+    lines = [
+        f"converted {report['images']} images ({report['background_images']} backgrounds), scheme "
+        f"{report['scheme']}, {sum(report['instances_per_class'].values())} instances: "
+        + ", ".join(f"{k} {v}" for k, v in report["instances_per_class"].items()),
+        tabulate(
+            rows,
+            ["format", "instance IoU mean", "min", "image IoU mean / min", "checks"],
+            tablefmt="github",
+            missingval="-",
+        ),
+    ]
     if report["skipped_images"]:
-        lines.append(f"skipped {len(report['skipped_images'])} image(s): "
-                     + "; ".join(f"{s['image']} ({s['reason']})" for s in report["skipped_images"][:5]))
+        lines.append(
+            f"skipped {len(report['skipped_images'])} image(s): "
+            + "; ".join(f"{s['image']} ({s['reason']})" for s in report["skipped_images"][:5])
+        )
     d = report["regions_dropped_by_min_area"]
     if d["count"]:
         lines.append(f"dropped {d['count']} region(s) smaller than {d['min_area']} px")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from defectkit.core.errors import ConfigError, DataError
+
 CLASS_SCHEMES = ("defect", "single", "category_defect")
 
 
@@ -50,7 +52,7 @@ def mask_to_instances(mask: np.ndarray, class_id: int = 0, min_area: int = 0) ->
     """
     m = np.asarray(mask)
     if m.ndim != 2:
-        raise ValueError(f"expected a (H, W) mask, got shape {m.shape}")
+        raise DataError(f"expected a (H, W) mask, got shape {m.shape}")
     h, w = m.shape
     if m.dtype == bool:
         binary = m.view(np.uint8)
@@ -104,11 +106,26 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two ``(H, W)`` masks; 1.0 when both are empty."""
+def iou_dice(a: np.ndarray, b: np.ndarray, empty: float = float("nan")) -> tuple[float, float]:
+    """IoU and Dice of two bool masks of one size: the suite's one definition.
+
+    When both are empty there is no overlap to score and both are ``empty``: NaN by default, so
+    an image with no defect and no prediction is left out of means (evaluation); a fidelity check
+    of a redraw against its source passes ``empty=1.0`` (nothing was redrawn as nothing).
+    """
     a, b = np.asarray(a, bool), np.asarray(b, bool)
-    union = np.count_nonzero(a | b)
-    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+    if a.shape != b.shape:
+        raise DataError(f"masks differ in size: {a.shape} vs {b.shape}")
+    inter = int(np.count_nonzero(a & b))
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    if total == 0:
+        return empty, empty
+    return inter / (total - inter), 2 * inter / total
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray, empty: float = float("nan")) -> float:
+    """IoU of two bool masks of one size (``empty`` when both are empty; see :func:`iou_dice`)."""
+    return iou_dice(a, b, empty)[0]
 
 
 # ------------------------------------------------------------------------------ polygons
@@ -220,7 +237,7 @@ def class_name(category: str, defect_type: str, scheme: str) -> str:
         return "defect"
     if scheme == "category_defect":
         return f"{category}_{defect_type}"
-    raise ValueError(f"unknown class scheme {scheme!r}; choose one of {CLASS_SCHEMES}")
+    raise ConfigError(f"unknown class scheme {scheme!r}; choose one of {CLASS_SCHEMES}")
 
 
 def class_names(pairs: Sequence[tuple[str, str]], scheme: str) -> list[str]:

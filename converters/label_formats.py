@@ -17,6 +17,7 @@ from defectkit.converters.instances import (
     region_to_coco_polygon,
     region_to_polygon,
 )
+from defectkit.core.errors import DataError
 
 # ------------------------------------------------------------------------------ YOLO boxes
 
@@ -35,7 +36,7 @@ def parse_yolo_box_lines(text: str, image_hw: tuple[int, int]) -> tuple[np.ndarr
     h, w = image_hw
     rows = [line.split() for line in text.splitlines() if line.strip()]
     if any(len(r) != 5 for r in rows):
-        raise ValueError("YOLO detection lines have 5 fields: class cx cy w h")
+        raise DataError("YOLO detection lines have 5 fields: class cx cy w h")
     a = np.array([[float(v) for v in r] for r in rows], float).reshape(-1, 5)
     cx, cy, bw, bh = a[:, 1] * w, a[:, 2] * h, a[:, 3] * w, a[:, 4] * h
     return np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1), a[:, 0].astype(int)
@@ -63,7 +64,7 @@ def parse_yolo_seg_lines(text: str, image_hw: tuple[int, int]) -> list[tuple[int
             continue
         v = line.split()
         if len(v) < 7 or len(v) % 2 == 0:
-            raise ValueError(f"YOLO-seg line needs a class and at least 3 x y pairs: {line[:60]!r}")
+            raise DataError(f"YOLO-seg line needs a class and at least 3 x y pairs: {line[:60]!r}")
         out.append((int(v[0]), np.array(v[1:], float).reshape(-1, 2) * (w, h)))
     return out
 

@@ -18,7 +18,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from defectkit import WORK
+from defectkit.core.paths import WORK
 from defectkit.datasets import synthetic
 from defectkit.datasets.mvtec import index_dataset, scan_category
 from defectkit.datasets.split import DEFAULT_FRACTIONS, build_manifest, write_manifest
@@ -70,8 +70,10 @@ def main(args: argparse.Namespace) -> dict:
         stats = compute_stats(idx, scans, [*idx.warnings, *warnings])
         result["categories"][idx.category] = stats
         if args.command == "validate":
-            print(f"{idx.category}: {len(idx.samples)} images OK"
-                  + (f"; {len(warnings)} warning(s), e.g.\n  " + "\n  ".join(map(str, warnings[:3])) if warnings else ""))
+            print(
+                f"{idx.category}: {len(idx.samples)} images OK"
+                + (f"; {len(warnings)} warning(s), e.g.\n  " + "\n  ".join(map(str, warnings[:3])) if warnings else "")
+            )
         if args.command in ("stats", "demo"):
             paths = write_stats(stats, out / "stats")
             print(format_table(stats))
@@ -90,7 +92,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from defectkit.datasets.cli_runner import run_cli
+    from defectkit.core.cli import run_cli
 
     return run_cli(get_args_parser(), main, argv)
 

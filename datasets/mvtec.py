@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from defectkit.core.errors import DataError, MissingFileError
 from defectkit.datasets.image_files import ImageReadError, read_header, read_image, read_mask
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ MVTEC_AD_CATEGORIES = (
 )  # fmt: skip
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(DataError):
     """The dataset on disk is not usable as it is.  The message names the files and the fix."""
 
     def __init__(self, problems: Sequence[Problem], root: Path):
@@ -152,7 +153,7 @@ def list_categories(root: str | Path) -> list[str]:
     """Category folders under ``root`` (those with a ``train/`` or ``test/`` folder), sorted."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"dataset root {root} does not exist; point DATA at the folder that holds the "
             "category folders (e.g. the extracted mvtec_anomaly_detection/)"
         )
@@ -318,7 +319,7 @@ def mask_to_bool(mask: np.ndarray) -> np.ndarray:
     if m.ndim == 3:
         m = m.max(axis=2)
     if m.ndim != 2:
-        raise ValueError(f"expected a (H, W) or (H, W, C) mask, got shape {m.shape}")
+        raise DataError(f"expected a (H, W) or (H, W, C) mask, got shape {m.shape}")
     return m > 0
 
 

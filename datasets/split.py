@@ -31,7 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from defectkit.datasets.atomic import atomic_write_text
+from defectkit.core.atomic import atomic_write_text
+from defectkit.core.errors import ConfigError, DataError, MissingFileError
 from defectkit.datasets.mvtec import CategoryIndex, Sample
 
 FORMAT = "defectkit.split_manifest/1"
@@ -59,7 +60,7 @@ def fold_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
     folds = [f for f in FOLDS if fractions.get(f, 0) > 0]
     total = sum(fractions[f] for f in folds)
     if total <= 0:
-        raise ValueError(f"fractions must have a positive sum, got {dict(fractions)}")
+        raise ConfigError(f"fractions must have a positive sum, got {dict(fractions)}")
     exact = {f: n * fractions[f] / total for f in folds}
     counts = {f: int(exact[f]) for f in folds}
     by_remainder = sorted(folds, key=lambda f: (-(exact[f] - counts[f]), FOLDS.index(f)))
@@ -107,7 +108,7 @@ def build_manifest(
     """The manifest (a JSON-able dict) for the given categories."""
     bad = {k: v for k, v in fractions.items() if k not in FOLDS or v < 0}
     if bad:
-        raise ValueError(f"fractions must be non-negative and keyed by {FOLDS}, got {bad}")
+        raise ConfigError(f"fractions must be non-negative and keyed by {FOLDS}, got {bad}")
     indexes = list(indexes)
     entries: list[ManifestEntry] = []
     counts: dict[str, dict[str, dict[str, int]]] = {}
@@ -155,14 +156,14 @@ def read_manifest(path: str | Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"split manifest {path} does not exist; run `make split` first") from None
+        raise MissingFileError(f"split manifest {path} does not exist; run `make split` first") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise DataError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a split manifest (expected format {FORMAT!r})")
+        raise DataError(f"{path} is not a split manifest (expected format {FORMAT!r})")
     for i, e in enumerate(data["entries"]):
         if e.get("fold") not in FOLDS:
-            raise ValueError(f"{path}: entry {i} ({e.get('key')}) has fold {e.get('fold')!r}, expected one of {FOLDS}")
+            raise DataError(f"{path}: entry {i} ({e.get('key')}) has fold {e.get('fold')!r}, expected one of {FOLDS}")
     return data
 
 
@@ -178,16 +179,58 @@ def entries(manifest: dict, *, fold: str | None = None, category: str | None = N
     ]
 
 
+def _check_matches(manifest: dict, path: Path, root: str | Path, category: str, seed: int) -> None:
+    """Refuse a manifest written for another data root, seed or set of categories."""
+    problems = []
+    if manifest.get("seed") != seed:
+        problems.append(f"seed {manifest.get('seed')} (asked: {seed})")
+    want_root = str(Path(root).resolve())
+    if manifest.get("root") is not None and manifest["root"] != want_root:
+        problems.append(f"data root {manifest['root']} (asked: {want_root})")
+    if category not in (None, "all") and category not in manifest.get("categories", []):
+        problems.append(f"categories {manifest.get('categories')} (asked: {category})")
+    if problems:
+        raise DataError(f"split manifest {path} was written for {', '.join(problems)}: pass --manifest with another "
+                        "path (or OUT=...), or delete it to have it rebuilt")
+
+
 def load_or_build_manifest(root: str | Path, path: str | Path, category: str = "all", seed: int = 0) -> dict:
     """The manifest at ``path``, written first (for ``category`` of ``root``, with ``seed``) when
-    it does not exist yet.  The returned dict carries its file in ``"path"``."""
+    it does not exist yet.  The returned dict carries its file in ``"path"``.
+
+    Raises:
+        DataError: the manifest at ``path`` was written for another data root, seed or category
+            (it is never silently reused for other data).
+    """
     from defectkit.datasets.mvtec import index_dataset
 
     path = Path(path)
     if path.is_file():
         manifest = read_manifest(path)
+        _check_matches(manifest, path, root, category, seed)
     else:
         manifest = build_manifest(index_dataset(root, category), seed=seed)
         write_manifest(manifest, path)
     manifest["path"] = str(path)
     return manifest
+
+
+def resolve_manifest(data: str | Path | None, manifest: str | Path | None, seed: int = 0,
+                     category: str | None = None) -> tuple[Path, dict]:
+    """The data root (the embedded set, generated on first use, when ``data`` is None) and its
+    split manifest (``manifest``, default ``work/out/<data name>/manifest.json``, written on first
+    use for every category).
+
+    Raises:
+        ConfigError: ``category`` is not in the manifest.
+        DataError: the manifest was written for other data (see :func:`load_or_build_manifest`).
+    """
+    from defectkit.core.paths import WORK
+    from defectkit.datasets import synthetic
+
+    root = Path(data) if data is not None else synthetic.generate(progress=False)
+    path = Path(manifest) if manifest is not None else WORK / "out" / root.resolve().name / "manifest.json"
+    m = load_or_build_manifest(root, path, "all", seed)
+    if category is not None and category not in m["categories"]:
+        raise ConfigError(f"category {category!r} is not in {path} (has {m['categories']})")
+    return root, m

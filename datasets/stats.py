@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectkit.datasets.atomic import atomic_write_text
+from defectkit.core.atomic import atomic_write_text
 from defectkit.datasets.mvtec import GOOD, SPLITS, CategoryIndex, Problem, SampleScan
 
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectkit import WORK
-from defectkit.datasets.atomic import atomic_dir
+from defectkit.core.atomic import atomic_dir
+from defectkit.core.errors import ConfigError, OutputError, OutputExistsError
+from defectkit.core.paths import WORK
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
     if not cv2.imwrite(str(path), arr):
-        raise OSError(f"cannot write {path}")
+        raise OutputError(f"cannot write {path}")
 
 
 def _stamp(seed: int, categories: list[str]) -> dict:
@@ -236,7 +237,7 @@ def generate(root: str | Path = DEFAULT_ROOT, *, seed: int = 0, categories: list
     categories = sorted(categories or CATEGORIES)
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown:
-        raise ValueError(f"unknown synthetic categories {unknown}; available: {sorted(CATEGORIES)}")
+        raise ConfigError(f"unknown synthetic categories {unknown}; available: {sorted(CATEGORIES)}")
     want = _stamp(seed, categories)
     stamp = root / STAMP
     if root.exists() and not force:
@@ -244,7 +245,7 @@ def generate(root: str | Path = DEFAULT_ROOT, *, seed: int = 0, categories: list
             log.info("synthetic dataset already complete at %s (seed %d); reusing it", root, seed)
             return root
         if any(root.iterdir()):
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{root} exists and is not this generator's output (version {GENERATOR_VERSION}, "
                 f"seed {seed}); remove it or pass --force to replace it"
             )

@@ -7,14 +7,15 @@ decoder directly on cached image embeddings; the image encoder runs once per ima
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from defectkit.core.atomic import atomic_torch_save
+from defectkit.core.errors import MissingFileError
 
 CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
 MODEL_NAMES = (*CHECKPOINTS, "tiny")
@@ -35,15 +36,33 @@ def build_tiny_sam(img_size: int = 256, seed: int = 0, dim: int = 64):
     torch.manual_seed(seed)
     emb = img_size // 16
     sam = Sam(
-        image_encoder=ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=dim, depth=2, num_heads=2,
-                                      mlp_ratio=4, out_chans=dim, qkv_bias=True, use_rel_pos=True, window_size=4,
-                                      global_attn_indexes=(1,), norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
-        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(emb, emb), input_image_size=(img_size, img_size),
-                                     mask_in_chans=8),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                 transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=4 * dim, num_heads=4),
-                                 transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+        image_encoder=ImageEncoderViT(
+            img_size=img_size,
+            patch_size=16,
+            embed_dim=dim,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=4,
+            out_chans=dim,
+            qkv_bias=True,
+            use_rel_pos=True,
+            window_size=4,
+            global_attn_indexes=(1,),
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(emb, emb), input_image_size=(img_size, img_size), mask_in_chans=8
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=4 * dim, num_heads=4),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
     return sam.eval()
 
 
@@ -65,7 +84,7 @@ def load_sam(model: str, checkpoint: Path | None, tiny_size: int = 256, seed: in
     from segment_anything import sam_model_registry
 
     if checkpoint is None or not Path(checkpoint).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"SAM checkpoint {checkpoint or CHECKPOINTS[model]} not found. Download {CHECKPOINTS[model]} from the "
             "segment-anything repository's model links on a machine with internet, copy it here and pass "
             "--checkpoint PATH (nothing is downloaded at run time); or use --model tiny for an offline smoke test."
@@ -110,11 +129,11 @@ class EmbeddingCache:
             emb = torch.load(path, map_location=self.device, weights_only=True).float()
         else:
             self.misses += 1
-            emb = self.encode(rgb)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-            os.close(fd)
-            torch.save(emb.half().cpu(), tmp)
-            os.replace(tmp, path)
+            # stored as float16; a miss returns the same rounded values a later hit will read,
+            # so a run gives the same result with a cold or a warm cache
+            half = self.encode(rgb).half()
+            atomic_torch_save(half.cpu(), path)
+            emb = half.float()
         self.memory[k] = emb
         return emb
 
@@ -124,8 +143,9 @@ class EmbeddingCache:
         return self.sam.image_encoder(self.sam.preprocess(x))
 
 
-def jitter_boxes(boxes: np.ndarray, hw: tuple[int, int], rng: np.random.Generator, frac: float = 0.1,
-                 max_px: float = 20.0) -> np.ndarray:
+def jitter_boxes(
+    boxes: np.ndarray, hw: tuple[int, int], rng: np.random.Generator, frac: float = 0.1, max_px: float = 20.0
+) -> np.ndarray:
     """Move each box edge by up to ``frac`` of the box side (at most ``max_px``), inside the image."""
     b = np.asarray(boxes, float).copy()
     if not len(b) or frac <= 0:
@@ -152,8 +172,15 @@ def sample_points(masks: np.ndarray, n: int, rng: np.random.Generator) -> np.nda
     return out
 
 
-def decode(sam, emb: torch.Tensor, boxes: np.ndarray, hw: tuple[int, int], cache: EmbeddingCache,
-           points: np.ndarray | None = None, train_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(
+    sam,
+    emb: torch.Tensor,
+    boxes: np.ndarray,
+    hw: tuple[int, int],
+    cache: EmbeddingCache,
+    points: np.ndarray | None = None,
+    train_prompt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution mask logits ``(N, 1, 4h, 4w)`` and IoU predictions ``(N, 1)`` for box prompts."""
     dev = emb.device
     box_t = torch.as_tensor(cache.transform.apply_boxes(np.asarray(boxes, float), hw), dtype=torch.float, device=dev)
@@ -163,8 +190,13 @@ def decode(sam, emb: torch.Tensor, boxes: np.ndarray, hw: tuple[int, int], cache
         pts = (coords, torch.ones(coords.shape[:2], dtype=torch.int, device=dev))
     with torch.set_grad_enabled(train_prompt and torch.is_grad_enabled()):
         sparse, dense = sam.prompt_encoder(points=pts, boxes=box_t, masks=None)
-    return sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
-                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+    return sam.mask_decoder(
+        image_embeddings=emb,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
 
 
 def low_res_targets(masks: np.ndarray, hw: tuple[int, int], cache: EmbeddingCache, low: int) -> torch.Tensor:

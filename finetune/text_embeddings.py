@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from defectkit.core.errors import ConfigError, DataError, MissingFileError
+
 EMBED_DIM = 512
 CACHE_NAME = "text_embeddings_clip_ViT-B_32.pt"  # what ultralytics' WorldTrainer looks for
 PROVIDERS = ("clip", "file", "hash")
@@ -62,7 +64,7 @@ def clip_embeddings(prompts: Sequence[str], clip_model: str | Path, device: str 
 
     path = Path(clip_model)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"CLIP checkpoint {path} not found. On a machine with internet run "
             "`python -c \"import clip; clip.load('ViT-B/32', download_root='.')\"` and copy the "
             "resulting ViT-B-32.pt here, or pass --text-embeddings-file with embeddings made elsewhere."
@@ -93,15 +95,15 @@ def load_embedding_file(path: str | Path, keys: Sequence[str]) -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"text-embedding file {path} not found; make one with "
+        raise MissingFileError(f"text-embedding file {path} not found; make one with "
                                 "`python finetune/yolo.py --make-text-embeddings` on a machine that has CLIP")
     table = torch.load(path, map_location="cpu", weights_only=True)
     missing = [k for k in keys if k not in table]
     if missing:
-        raise KeyError(f"{path} has no embedding for {missing}; it has {sorted(table)[:20]}")
+        raise DataError(f"{path} has no embedding for {missing}; it has {sorted(table)[:20]}")
     rows = np.stack([np.asarray(table[k], np.float32).reshape(-1) for k in keys])
     if rows.shape[1] != EMBED_DIM:
-        raise ValueError(f"{path}: embeddings are {rows.shape[1]}-d, YOLO-World needs {EMBED_DIM}")
+        raise DataError(f"{path}: embeddings are {rows.shape[1]}-d, YOLO-World needs {EMBED_DIM}")
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
@@ -112,17 +114,17 @@ def embed(names: Sequence[str], prompts: Sequence[str], provider: str, *, clip_m
         return hash_embeddings(prompts)
     if provider == "clip":
         if clip_model is None:
-            raise ValueError("--text-embeddings clip needs --clip-model /path/to/ViT-B-32.pt")
+            raise ConfigError("--text-embeddings clip needs --clip-model /path/to/ViT-B-32.pt")
         return clip_embeddings(prompts, clip_model, device)
     if provider == "file":
         if embeddings_file is None:
-            raise ValueError("--text-embeddings file needs --text-embeddings-file PATH")
+            raise ConfigError("--text-embeddings file needs --text-embeddings-file PATH")
         table_keys = list(prompts)
         try:
             return load_embedding_file(embeddings_file, table_keys)
         except KeyError:
             return load_embedding_file(embeddings_file, list(names))
-    raise ValueError(f"unknown text-embedding provider {provider!r}; choose one of {PROVIDERS}")
+    raise ConfigError(f"unknown text-embedding provider {provider!r}; choose one of {PROVIDERS}")
 
 
 def write_cache(names: Sequence[str], embeddings: np.ndarray, cache_dir: str | Path) -> Path:
@@ -150,5 +152,5 @@ def read_cache(path: str | Path, names: Sequence[str]) -> np.ndarray:
     table: Mapping = torch.load(path, map_location="cpu", weights_only=True)
     missing = [n for n in names if n not in table]
     if missing:
-        raise KeyError(f"{path} has no embedding for classes {missing}")
+        raise DataError(f"{path} has no embedding for classes {missing}")
     return np.stack([table[n].float().numpy().reshape(-1) for n in names])

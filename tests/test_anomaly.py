@@ -101,32 +101,70 @@ def test_latent_scores_rank_outliers_high():
     train = rng.normal(0, 1, (50, 4))
     test = np.r_[rng.normal(0, 1, (5, 4)), rng.normal(6, 1, (5, 4))]
     y = np.r_[np.zeros(5), np.ones(5)]
-    from defectkit.anomaly.metrics import auroc
+    from defectkit.review.metrics import auroc
 
     assert auroc(S.knn_scores(train, test), y) == 1.0
     train_plane = np.c_[rng.normal(0, 1, (50, 2)), np.zeros((50, 2))]
-    test_plane = np.r_[np.c_[rng.normal(0, 1, (5, 2)), np.zeros((5, 2))], np.c_[rng.normal(0, 1, (5, 2)), np.full((5, 2), 3.0)]]
+    test_plane = np.r_[
+        np.c_[rng.normal(0, 1, (5, 2)), np.zeros((5, 2))], np.c_[rng.normal(0, 1, (5, 2)), np.full((5, 2), 3.0)]
+    ]
     assert auroc(S.pca_scores(train_plane, test_plane), y) == 1.0
 
 
 # ---------------------------------------------------------------------------------------- the script
 
-TINY = ["--size", "32", "--depth", "2", "--base", "8", "--batch", "8", "--steps-per-epoch", "4", "--sigma", "1",
-        "--device", "cpu", "-q"]
+TINY = [
+    "--size",
+    "32",
+    "--depth",
+    "2",
+    "--base",
+    "8",
+    "--batch",
+    "8",
+    "--steps-per-epoch",
+    "4",
+    "--sigma",
+    "1",
+    "--device",
+    "cpu",
+    "-q",
+]
 
 
 def _run(synthetic_root, tmp_path, *extra):
     from defectkit.anomaly import train as T
 
-    args = T.get_args_parser().parse_args(["--data", str(synthetic_root), "--manifest", str(tmp_path / "manifest.json"),
-                                           "--out", str(tmp_path / "run"), *TINY, *map(str, extra)])
+    args = T.get_args_parser().parse_args(
+        [
+            "--data",
+            str(synthetic_root),
+            "--manifest",
+            str(tmp_path / "manifest.json"),
+            "--out",
+            str(tmp_path / "run"),
+            *TINY,
+            *map(str, extra),
+        ]
+    )
     return T.main(args), tmp_path / "run"
 
 
 @pytest.mark.parametrize("model", ["conv_ae", "unet_ae", "fc_ae", "vae"])
 def test_every_reconstruction_model_trains_and_scores(synthetic_root, tmp_path, model):
-    m, run = _run(synthetic_root, tmp_path, "--model", model, "--category", "washer", "--epochs", "3",
-                  "--no-plots", "--patience", "99")
+    m, run = _run(
+        synthetic_root,
+        tmp_path,
+        "--model",
+        model,
+        "--category",
+        "washer",
+        "--epochs",
+        "3",
+        "--no-plots",
+        "--patience",
+        "99",
+    )
     hist = json.loads((run / "history.json").read_text())
     assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]  # the loss falls
     assert 0 <= m["image"]["auroc"] <= 1 and 0 <= m["pixel"]["auroc"] <= 1 and 0 <= m["pixel"]["aupro"] <= 1
@@ -142,23 +180,36 @@ def test_every_reconstruction_model_trains_and_scores(synthetic_root, tmp_path, 
 def test_resume_continues_where_it_stopped(synthetic_root, tmp_path):
     _run(synthetic_root, tmp_path, "--category", "weave", "--epochs", "2", "--no-plots", "--patience", "99")
     first = json.loads((tmp_path / "run" / "history.json").read_text())
-    m, run = _run(synthetic_root, tmp_path, "--category", "weave", "--epochs", "4", "--resume", "--no-plots",
-                  "--patience", "99")
+    m, run = _run(
+        synthetic_root, tmp_path, "--category", "weave", "--epochs", "4", "--resume", "--no-plots", "--patience", "99"
+    )
     hist = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and hist[:2] == first
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 3
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 3
 
 
 def test_fft_input_and_plots(synthetic_root, tmp_path):
     m, run = _run(synthetic_root, tmp_path, "--category", "weave", "--epochs", "1", "--input", "fft", "--loss", "mse")
     assert "pixel" not in m  # a spectrum has no pixel localisation
-    assert all((run / "plots" / f).stat().st_size > 5000 for f in ["roc.png", "scores.png", "cases.png", "projections.png"])
+    assert all(
+        (run / "plots" / f).stat().st_size > 5000 for f in ["roc.png", "scores.png", "cases.png", "projections.png"]
+    )
 
 
 @pytest.mark.parametrize("model", ["ocsvm", "patchcore"])
 def test_feature_models_with_an_untrained_backbone(synthetic_root, tmp_path, model):
-    m, run = _run(synthetic_root, tmp_path, "--model", model, "--category", "washer", "--random-init", "--no-plots",
-                  "--coreset", "0.2")
+    m, run = _run(
+        synthetic_root,
+        tmp_path,
+        "--model",
+        model,
+        "--category",
+        "washer",
+        "--random-init",
+        "--no-plots",
+        "--coreset",
+        "0.2",
+    )
     assert 0 <= m["image"]["auroc"] <= 1
     assert ("pixel" in m) == (model == "patchcore")
     assert read_records(run / "predictions.jsonl")[0]["model"] == model
@@ -181,9 +232,24 @@ def test_purity_by_hand():
 def test_kmeans_regroups_mixed_categories_and_trains_a_model_per_cluster(synthetic_root, tmp_path):
     from defectkit.anomaly.cluster import main as cluster_main
 
-    r = cluster_main(["--data", str(synthetic_root), "--manifest", str(tmp_path / "m.json"), "--categories",
-                      "washer,weave", "--out", str(tmp_path / "c"), "--train", "--", *TINY, "--epochs", "1",
-                      "--no-plots"])
+    r = cluster_main(
+        [
+            "--data",
+            str(synthetic_root),
+            "--manifest",
+            str(tmp_path / "m.json"),
+            "--categories",
+            "washer,weave",
+            "--out",
+            str(tmp_path / "c"),
+            "--train",
+            "--",
+            *TINY,
+            "--epochs",
+            "1",
+            "--no-plots",
+        ]
+    )
     assert r["purity"] == 1.0 and r["k"] == 2  # an RGB washer and a grey weave never mix
     assert sorted(sum(v.values()) for v in r["clusters"].values()) == [40, 40]
     assert set(r["runs"]) == {"cluster0", "cluster1"}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from defectkit.anomaly import metrics as M
+from defectkit.review import metrics as M
 
 
 def test_auroc_by_hand():
@@ -58,7 +58,11 @@ def _aupro_reference(maps, masks, max_fpr=0.3):
     x, y = np.array(pts).T
     xi = np.r_[x[x <= max_fpr], max_fpr]
     k = np.searchsorted(x, max_fpr, side="right")
-    yi = np.r_[y[:k], y[k - 1] + (y[k] - y[k - 1]) * (max_fpr - x[k - 1]) / (x[k] - x[k - 1])] if k < len(x) else np.r_[y[:k], y[-1]]
+    yi = (
+        np.r_[y[:k], y[k - 1] + (y[k] - y[k - 1]) * (max_fpr - x[k - 1]) / (x[k] - x[k - 1])]
+        if k < len(x)
+        else np.r_[y[:k], y[-1]]
+    )
     return np.trapezoid(yi, xi) / max_fpr
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from defectkit.converters.canonical import ImageRecord, make_header, read_records, write_records
-from defectkit.converters.compare import compare
 from defectkit.converters.convert import ConvertConfig, convert
 from defectkit.datasets.mvtec import index_category
 from defectkit.datasets.split import build_manifest
+from defectkit.review.compare import compare
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_fiftyone_dataset_fields_counts_and_views(setup, tmp_path):
     base, conv = setup
     code = """
 import json, sys
-from defectkit.converters.review import build_dataset
+from defectkit.review.fiftyone_dataset import build_dataset
 ds = build_dataset("dk-test", sys.argv[1], sys.argv[2:])
 print(json.dumps({"n": len(ds), "fields": sorted(ds.get_field_schema()), "views": ds.list_saved_views(),
   "gt": ds.count("ground_truth.detections"), "perfect": ds.count("perfect.detections"),
@@ -147,7 +147,7 @@ def test_app_serves_the_samples_to_a_headless_browser(setup, tmp_path):
     port = _free_port()
     code = f"""
 import sys
-from defectkit.converters.review import build_dataset, launch
+from defectkit.review.fiftyone_dataset import build_dataset, launch
 build_dataset("dk-app", sys.argv[1], sys.argv[2:])
 launch("dk-app", port={port})
 """

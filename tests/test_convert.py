@@ -47,7 +47,11 @@ def test_every_format_is_written_and_exact(small, tmp_path):
     f = report["formats"]
     assert f["yolo"]["instance_iou"]["min"] > 0.999 and f["yolo"]["classes_ok"]
     assert f["yolo_seg"]["instance_iou"]["min"] == 1.0 and f["yolo_seg"]["image_iou_vs_source"]["min"] == 1.0
-    assert f["coco"]["instance_iou"]["min"] == 1.0 and f["coco"]["bbox_matches_toBbox"] and f["coco"]["area_is_pixel_count"]
+    assert (
+        f["coco"]["instance_iou"]["min"] == 1.0
+        and f["coco"]["bbox_matches_toBbox"]
+        and f["coco"]["area_is_pixel_count"]
+    )
     assert f["voc"]["exact"] and f["label_maps"]["image_iou_vs_source"]["min"] == 1.0
     assert json.loads((out / "fidelity.json").read_text()) == report
     # YOLO: labels named after images, good images as empty label files, images linked
@@ -68,8 +72,10 @@ def test_every_format_is_written_and_exact(small, tmp_path):
     coco = json.loads((out / "coco" / "test.json").read_text())
     assert coco["licenses"][0]["name"] == "CC BY-NC-SA 4.0"
     assert {a["iscrowd"] for a in coco["annotations"]} == {0}
-    assert coco["categories"] == [{"id": 1, "name": "crack", "supercategory": "defect"},
-                                  {"id": 2, "name": "hole", "supercategory": "defect"}]
+    assert coco["categories"] == [
+        {"id": 1, "name": "crack", "supercategory": "defect"},
+        {"id": 2, "name": "hole", "supercategory": "defect"},
+    ]
     assert all((root / im["file_name"]).is_file() for im in coco["images"])
     hole = next(a for a in coco["annotations"] if a["category_id"] == 2)
     assert hole["area"] == 100 - 9 and hole["bbox"] == [10, 10, 10, 10]
@@ -89,7 +95,13 @@ def test_formats_option_and_train_good_backgrounds(small, tmp_path):
     root, manifest = small
     out = tmp_path / "c"
     report = convert(root, manifest, out, ConvertConfig(formats=("coco",), train_good=2), progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "coco", "conversion.json", "fidelity.json", "ground_truth.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classes.txt",
+        "coco",
+        "conversion.json",
+        "fidelity.json",
+        "ground_truth.jsonl",
+    ]
     assert report["images"] == 11 and report["background_images"] == 5
     train = json.loads((out / "coco" / "train.json").read_text())
     assert sum("train/good" in im["file_name"] for im in train["images"]) == 2
@@ -99,8 +111,13 @@ def test_schemes_and_min_area(small, tmp_path):
     root, manifest = small
     r = convert(root, manifest, tmp_path / "a", ConvertConfig(scheme="single", formats=("yolo",)), progress=False)
     assert r["classes"] == ["defect"] and r["instances_per_class"] == {"defect": 9}
-    r = convert(root, manifest, tmp_path / "b", ConvertConfig(scheme="category_defect", min_area=25, formats=("yolo",)),
-                progress=False)
+    r = convert(
+        root,
+        manifest,
+        tmp_path / "b",
+        ConvertConfig(scheme="category_defect", min_area=25, formats=("yolo",)),
+        progress=False,
+    )
     assert r["classes"] == ["bottle_crack", "bottle_hole"]
     assert r["regions_dropped_by_min_area"]["count"] == 3  # the 16-20 px crack parts; 33 px ones stay
     assert r["instances_per_class"] == {"bottle_crack": 3, "bottle_hole": 3}
@@ -192,8 +209,16 @@ def test_cocoeval_of_ground_truth_against_itself_is_perfect(small, tmp_path, pol
     convert(root, manifest, out, ConvertConfig(formats=("coco",), coco_polygons=polygons), progress=False)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(out / "coco" / "test.json"))
-        dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
-                 "segmentation": gt.annToRLE(a), "score": 1.0} for a in gt.dataset["annotations"]]
+        dets = [
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "bbox": a["bbox"],
+                "segmentation": gt.annToRLE(a),
+                "score": 1.0,
+            }
+            for a in gt.dataset["annotations"]
+        ]
         for a in dets:  # annToRLE hands back our str counts for RLE, bytes for polygons
             c = a["segmentation"]["counts"]
             a["segmentation"]["counts"] = c.decode() if isinstance(c, bytes) else c

@@ -22,10 +22,12 @@ SCRIPT = textwrap.dedent(
     counts = {}
     for fold in ("train", "val", "test"):
         coco = fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, data_path=root,
-                                   labels_path=f"{out}/coco/{fold}.json", label_types=["segmentations"], label_field="gt",
+                                   labels_path=f"{out}/coco/{fold}.json", label_types=["segmentations"],
+                                   label_field="gt",
                                    name=f"coco-{fold}", overwrite=True)
         yolo = fo.Dataset.from_dir(dataset_dir=f"{out}/yolo", dataset_type=fo.types.YOLOv5Dataset,
-                                   yaml_path="data.yaml", split=fold, label_field="gt", name=f"yolo-{fold}", overwrite=True)
+                                   yaml_path="data.yaml", split=fold, label_field="gt", name=f"yolo-{fold}",
+                                   overwrite=True)
         with_masks = sum(1 for s in coco for d in (s.gt.detections if s.gt else []) if d.mask is not None)
         counts[fold] = {
             "coco_samples": len(coco), "coco_objects": coco.count("gt.detections"),
@@ -46,10 +48,20 @@ def test_fiftyone_imports_coco_and_yolo_with_the_same_counts(mvtec_tree, blob_ma
     root = mvtec_tree("bottle", items)
     out = tmp_path / "conv"
     report = convert(root, build_manifest([index_category(root, "bottle")]), out, progress=False)
-    env = {**os.environ, "FIFTYONE_DATABASE_DIR": str(tmp_path / "fodb"), "FIFTYONE_DO_NOT_TRACK": "true",
-           "FIFTYONE_DATABASE_VALIDATION": "false"}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(root)], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "FIFTYONE_DATABASE_DIR": str(tmp_path / "fodb"),
+        "FIFTYONE_DO_NOT_TRACK": "true",
+        "FIFTYONE_DATABASE_VALIDATION": "false",
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(out), str(root)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     counts = json.loads(r.stdout.strip().splitlines()[-1])
     per_fold = report["instances_per_fold"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from defectkit.core.errors import DataError
 from defectkit.finetune import text_embeddings as te
 
 
@@ -30,7 +31,7 @@ def test_cache_round_trip_in_ultralytics_format(tmp_path):
     table = torch.load(path, weights_only=True)
     assert sorted(table) == ["crack", "hole"] and table["hole"].shape == (512,)
     assert np.allclose(te.read_cache(path, ["hole", "crack"]), emb[::-1])
-    with pytest.raises(KeyError, match="scratch"):
+    with pytest.raises(DataError, match="scratch"):
         te.read_cache(path, ["scratch"])
 
 
@@ -42,7 +43,7 @@ def test_provider_errors_say_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="make-text-embeddings"):
         te.embed(["a"], ["a"], "file", embeddings_file=tmp_path / "x.pt")
     torch.save({"crack": torch.ones(512)}, tmp_path / "e.pt")
-    with pytest.raises(KeyError, match="e.pt has no embedding for \\['hole'\\]"):
+    with pytest.raises(DataError, match="e.pt has no embedding for \\['hole'\\]"):
         te.load_embedding_file(tmp_path / "e.pt", ["hole"])
     torch.save({"crack": torch.ones(8)}, tmp_path / "w.pt")
     with pytest.raises(ValueError, match="8-d"):

@@ -15,10 +15,15 @@ import numpy as np
 
 from defectkit.converters.canonical import ImageRecord
 from defectkit.converters.label_formats import xyxy_to_coco_bbox
+from defectkit.core.errors import DataError
+from defectkit.review.metrics import auroc
 
 
 def _rle_for_coco(rle: dict) -> dict:
-    return {"size": list(rle["size"]), "counts": rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]}
+    return {
+        "size": list(rle["size"]),
+        "counts": rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"],
+    }
 
 
 def coco_ground_truth(gt: Sequence[ImageRecord], classes: Sequence[str]) -> dict:
@@ -30,8 +35,13 @@ def coco_ground_truth(gt: Sequence[ImageRecord], classes: Sequence[str]) -> dict
     for i, r in enumerate(gt, start=1):
         images.append({"id": i, "file_name": r.image, "height": r.height, "width": r.width})
         for k, (box, lab) in enumerate(zip(r.boxes_xyxy, r.labels, strict=True)):
-            a = {"id": len(anns) + 1, "image_id": i, "category_id": cat[lab], "bbox": xyxy_to_coco_bbox(box),
-                 "iscrowd": 0}
+            a = {
+                "id": len(anns) + 1,
+                "image_id": i,
+                "category_id": cat[lab],
+                "bbox": xyxy_to_coco_bbox(box),
+                "iscrowd": 0,
+            }
             if r.masks is not None:
                 rle = _rle_for_coco(r.masks[k])
                 a["segmentation"] = rle
@@ -42,8 +52,9 @@ def coco_ground_truth(gt: Sequence[ImageRecord], classes: Sequence[str]) -> dict
     return {"images": images, "annotations": anns, "categories": [{"id": v, "name": n} for n, v in cat.items()]}
 
 
-def coco_evaluate(gt: Sequence[ImageRecord], pred: Sequence[ImageRecord], classes: Sequence[str],
-                  iou_type: str = "bbox") -> dict:
+def coco_evaluate(
+    gt: Sequence[ImageRecord], pred: Sequence[ImageRecord], classes: Sequence[str], iou_type: str = "bbox"
+) -> dict:
     """COCO mAP@[.5:.95], mAP@.5 and per-class APs of ``pred`` against ``gt``.
 
     Images of ``gt`` missing from ``pred`` count as images with no detection.  ``iou_type``
@@ -60,9 +71,14 @@ def coco_evaluate(gt: Sequence[ImageRecord], pred: Sequence[ImageRecord], classe
         if r.image not in ids:
             continue
         if iou_type == "segm" and r.masks is None:
-            raise ValueError(f"{r.image}: segm evaluation needs predicted masks")
+            raise DataError(f"{r.image}: segm evaluation needs predicted masks")
         for k, (box, lab, score) in enumerate(zip(r.boxes_xyxy, r.labels, r.scores, strict=True)):
-            d = {"image_id": ids[r.image], "category_id": cat[lab], "bbox": xyxy_to_coco_bbox(box), "score": float(score)}
+            d = {
+                "image_id": ids[r.image],
+                "category_id": cat[lab],
+                "bbox": xyxy_to_coco_bbox(box),
+                "score": float(score),
+            }
             if iou_type == "segm":
                 d["segmentation"] = _rle_for_coco(r.masks[k])
             dets.append(d)
@@ -74,8 +90,13 @@ def coco_evaluate(gt: Sequence[ImageRecord], pred: Sequence[ImageRecord], classe
         coco_gt.dataset = gt_dict
         coco_gt.createIndex()
         if not dets:
-            return {"map50_95": 0.0, "map50": 0.0, "per_class": {n: {"ap50_95": 0.0, "ap50": 0.0} for n in classes},
-                    "n_gt": len(gt_dict["annotations"]), "n_det": 0}
+            return {
+                "map50_95": 0.0,
+                "map50": 0.0,
+                "per_class": {n: {"ap50_95": 0.0, "ap50": 0.0} for n in classes},
+                "n_gt": len(gt_dict["annotations"]),
+                "n_det": 0,
+            }
         coco_dt = coco_gt.loadRes(dets)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.evaluate()
@@ -86,10 +107,17 @@ def coco_evaluate(gt: Sequence[ImageRecord], pred: Sequence[ImageRecord], classe
     for k, name in enumerate(classes):
         p = precision[:, :, k, 0, -1]
         p50 = precision[0, :, k, 0, -1]
-        per_class[name] = {"ap50_95": float(p[p > -1].mean()) if (p > -1).any() else nan,
-                           "ap50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else nan}
-    return {"map50_95": float(ev.stats[0]), "map50": float(ev.stats[1]), "per_class": per_class,
-            "n_gt": len(gt_dict["annotations"]), "n_det": len(dets)}
+        per_class[name] = {
+            "ap50_95": float(p[p > -1].mean()) if (p > -1).any() else nan,
+            "ap50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else nan,
+        }
+    return {
+        "map50_95": float(ev.stats[0]),
+        "map50": float(ev.stats[1]),
+        "per_class": per_class,
+        "n_gt": len(gt_dict["annotations"]),
+        "n_det": len(dets),
+    }
 
 
 def image_auroc(gt: Sequence[ImageRecord], pred: Sequence[ImageRecord]) -> float:
@@ -97,11 +125,7 @@ def image_auroc(gt: Sequence[ImageRecord], pred: Sequence[ImageRecord]) -> float
 
     A ground-truth image without a prediction record scores 0.  NaN when only one class is present.
     """
-    from sklearn.metrics import roc_auc_score
-
     scores = {r.image: (r.image_score if r.image_score is not None else 0.0) for r in pred}
     y = np.array([r.defect_type != "good" for r in gt], int)
     s = np.array([scores.get(r.image, 0.0) for r in gt], float)
-    if y.min() == y.max():
-        return float("nan")
-    return float(roc_auc_score(y, s))
+    return auroc(s, y)

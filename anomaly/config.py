@@ -1,0 +1,131 @@
+"""Small frozen configs for the anomaly models, trainers and scorers (only ``main()`` reads args)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+RECON_MODELS = ("conv_ae", "unet_ae", "fc_ae", "vae")
+FEATURE_MODELS = ("ocsvm", "patchcore")
+LOSSES = ("mse", "ssim", "mse_ssim")
+THRESHOLDS = ("f1", "otsu", "percentile")
+
+
+def _from(cls, args: argparse.Namespace, **override):
+    return cls(**{f.name: override.get(f.name, getattr(args, f.name)) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What network to build."""
+
+    model: str = "conv_ae"
+    input: str = "rgb"  # rgb | gray | fft
+    imgsz: int = 128
+    base: int = 16
+    depth: int = 4
+    latent: int | None = None
+    skips: tuple[int, ...] | None = None  # unet_ae: levels that keep their skip connection
+    kl_weight: float = 1e-3  # vae
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelConfig:
+        skips = None if args.skips is None else tuple(int(s) for s in str(args.skips).split(",") if s != "")
+        return _from(cls, args, skips=skips)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train it (reconstruction models)."""
+
+    loss: str = "mse_ssim"
+    ssim_lambda: float = 0.84
+    epochs: int = 40
+    batch: int = 16
+    steps_per_epoch: int = 25
+    augment: bool = False
+    lr: float = 2e-3
+    patience: int = 10
+    seed: int = 0
+    workers: int = 0
+    resume: bool = False
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        return _from(cls, args)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How maps, image scores and thresholds are made."""
+
+    map: str = "mse_ssim"
+    ssim_lambda: float = 0.84
+    scales: tuple[int, ...] | None = None
+    sigma: float = 4.0
+    topk: float | str = 1.0
+    threshold: str = "f1"
+    false_alarm_rate: float = 0.01
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ScoreConfig:
+        scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
+        topk = "max" if str(args.topk) == "max" else float(args.topk)
+        return _from(cls, args, map=args.map or args.loss, scales=scales, topk=topk)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Frozen-backbone models (OC-SVM, PatchCore)."""
+
+    model: str = "patchcore"
+    backbone: str = "resnet18"
+    backbone_weights: Path | None = None
+    random_init: bool = False
+    coreset: float = 0.1
+    imgsz: int = 128
+    sigma: float = 4.0
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FeatureConfig:
+        return _from(cls, args)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, and how validation is assembled."""
+
+    data: Path | None = None
+    category: str = "washer"
+    manifest: Path | None = None
+    seed: int = 0
+    holdout: float = 0.1
+    cutpaste_per_image: int = 2
+    val_fold: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataConfig:
+        return _from(cls, args)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``anomaly/train.py`` run needs."""
+
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    score: ScoreConfig
+    features: FeatureConfig
+    out: Path | None = None
+    device: str | None = None
+    plots: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        return cls(DataConfig.from_args(args), ModelConfig.from_args(args), TrainConfig.from_args(args),
+                   ScoreConfig.from_args(args), FeatureConfig.from_args(args), args.out, args.device,
+                   not args.no_plots)

@@ -1,0 +1,225 @@
+"""FiftyOne review sessions: ground truth and every run's predictions on the same images.
+
+    python -m defectkit.review.fiftyone_dataset --gt .../ground_truth.jsonl --runs work/runs/yolo/<run> ... \\
+        --name defectkit-<data>-<category> [--launch --port 5151]
+    make app                                  # the demo's runs, App on http://127.0.0.1:5151
+
+The dataset is persistent and rebuilt on every call (a rerun refreshes it).  Fields:
+
+* ``ground_truth``: instance detections with masks; ``gt_segmentation``: class-id masks;
+  ``category``, ``defect_type``, ``fold`` fields and tags (the fold and the defect type);
+* per run, ``<run>``: its detections (boxes, confidences, instance masks when it has them);
+  anomaly runs add ``<run>_heatmap`` (``fo.Heatmap`` with an explicit ``range``, so the raw map
+  values render) and ``<run>_mask`` (the thresholded map as a segmentation);
+* ``evaluate_detections`` per run with eval key ``eval_<run>`` (class-agnostic for anomaly
+  runs), and saved views ``missed defects: <run>`` and ``false alarms on good images: <run>``.
+
+The database lives in ``work/fiftyone/db`` (``FIFTYONE_DATABASE_DIR``), the App binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from defectkit.converters.canonical import ImageRecord, read_records
+from defectkit.converters.instances import decode_rle
+from defectkit.core.cli import run_cli
+from defectkit.core.errors import DefectkitError
+from defectkit.core.paths import WORK
+from defectkit.review.compare import load_runs
+
+
+class DatabaseError(DefectkitError):
+    """FiftyOne's database (mongod) did not start."""
+
+
+def configure_fiftyone() -> None:
+    """Keep FiftyOne's database inside the project and quiet, before ``import fiftyone``."""
+    os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(WORK / "fiftyone" / "db"))
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+
+
+def field_name(name: str) -> str:
+    f = re.sub(r"[^0-9a-zA-Z_]+", "_", name).strip("_").lower()
+    return f if f and not f[0].isdigit() else f"run_{f}"
+
+
+def _detections(rec: ImageRecord, labels: list[str] | None = None):
+    import fiftyone as fo
+
+    dets = []
+    for k, (x0, y0, x1, y1) in enumerate(rec.boxes_xyxy):
+        kw = {}
+        if rec.masks is not None:
+            m = decode_rle(rec.masks[k])
+            ix0, iy0 = int(np.floor(x0)), int(np.floor(y0))
+            ix1, iy1 = max(int(np.ceil(x1)), ix0 + 1), max(int(np.ceil(y1)), iy0 + 1)
+            kw["mask"] = m[iy0:iy1, ix0:ix1]
+            x0, y0, x1, y1 = ix0, iy0, ix1, iy1
+        if rec.scores is not None:
+            kw["confidence"] = float(rec.scores[k])
+        dets.append(
+            fo.Detection(
+                label=(labels or rec.labels)[k],
+                bounding_box=[x0 / rec.width, y0 / rec.height, (x1 - x0) / rec.width, (y1 - y0) / rec.height],
+                **kw,
+            )
+        )
+    return fo.Detections(detections=dets)
+
+
+def _import_fiftyone():
+    """``import fiftyone`` (which starts its database), with a clear error when mongod cannot start."""
+    configure_fiftyone()
+    try:
+        import fiftyone as fo
+
+        fo.list_datasets()
+    except Exception as e:  # FiftyOne's ServiceListenTimeout and kin: the database did not start
+        if "failed to bind" not in str(e) and "ServiceListenTimeout" not in type(e).__name__:
+            raise
+        db = os.environ["FIFTYONE_DATABASE_DIR"]
+        raise DatabaseError(
+            f"FiftyOne's database did not start ({e}). Usually a mongod left over from a killed "
+            f"session still holds {db}: stop it with  pkill -f 'mongod --dbpath {db}'  and rerun."
+        ) from e
+    return fo
+
+
+def _gt_sample(fo, g: ImageRecord, data_root: Path, cid: dict[str, int]):
+    s = fo.Sample(
+        filepath=str(data_root / g.image),
+        tags=[g.fold or "", g.defect_type or ""],
+        category=g.category,
+        defect_type=g.defect_type,
+        fold=g.fold,
+    )
+    s["ground_truth"] = _detections(g)
+    seg = np.zeros((g.height, g.width), np.uint8)
+    if g.masks:
+        for m, lab in zip(g.decode_masks(), g.labels, strict=True):
+            seg[m] = cid[lab]
+    s["gt_segmentation"] = fo.Segmentation(mask=seg)
+    return s
+
+
+def _add_run(fo, samples: dict, fld: str, header: dict, preds: list[ImageRecord], dirs: dict[str, Path]) -> None:
+    """One run's detections, and for anomaly runs its heatmaps (one value range for the run) and masks."""
+    anomaly = header.get("kind_of_model") == "anomaly"
+    maps = {
+        r.image: np.load(dirs[r.image] / r.anomaly_map).astype(np.float32)
+        for r in preds
+        if r.image in samples and r.anomaly_map
+    }
+    lo = float(min((m.min() for m in maps.values()), default=0.0))
+    hi = float(max((m.max() for m in maps.values()), default=1.0))
+    for r in preds:
+        s = samples.get(r.image)
+        if s is None:
+            continue
+        s[fld] = _detections(r, ["defect"] * len(r) if anomaly else None)
+        if r.image in maps:
+            s[f"{fld}_heatmap"] = fo.Heatmap(map=maps[r.image], range=[lo, hi])
+            if r.masks is not None:
+                union = np.zeros((r.height, r.width), np.uint8)
+                for rle in r.masks:
+                    union[decode_rle(rle)] = 1
+                s[f"{fld}_mask"] = fo.Segmentation(mask=union)
+
+
+def _evaluate_runs(ds, run_fields: dict[str, dict]) -> None:
+    """``evaluate_detections`` per run (class-agnostic for anomaly runs) and the saved review views."""
+    from fiftyone import ViewField as F
+
+    for fld, rh in run_fields.items():
+        anomaly = rh.get("kind_of_model") == "anomaly"
+        gt_field = "ground_truth"
+        if anomaly:  # class-agnostic: compare with every ground-truth defect as "defect"
+            gt_field = "gt_defect"
+            if not ds.has_field(gt_field):
+                ds.clone_sample_field("ground_truth", gt_field)
+                ds.set_values(
+                    f"{gt_field}.detections.label", [["defect"] * len(d) for d in ds.values(f"{gt_field}.detections")]
+                )
+        key = f"eval_{fld}"
+        ds.evaluate_detections(fld, gt_field=gt_field, eval_key=key, classwise=not anomaly, compute_mAP=False)
+        ds.save_view(f"missed defects: {fld}", ds.match(F(f"{key}_fn") > 0))
+        ds.save_view(
+            f"false alarms on good images: {fld}", ds.match(F("defect_type") == "good").match(F(f"{key}_fp") > 0)
+        )
+
+
+def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None = "test", overwrite: bool = True):
+    """Create (or replace) the persistent FiftyOne dataset ``name``; returns it."""
+    header, gt = read_records(gt_path)
+    groups = load_runs(runs)
+    fo = _import_fiftyone()
+    classes = header["classes"]
+    data_root = Path(header["data_root"])
+    gt = [g for g in gt if fold is None or g.fold == fold]
+    if overwrite and name in fo.list_datasets():
+        fo.delete_dataset(name)
+    ds = fo.Dataset(name, persistent=True)
+    ds.default_mask_targets = {i + 1: c for i, c in enumerate(classes)}
+    cid = {c: i + 1 for i, c in enumerate(classes)}
+    samples = {g.image: _gt_sample(fo, g, data_root, cid) for g in gt}
+    run_fields = {}
+    for rname, (_, rh, preds, dirs) in groups.items():
+        fld = field_name(rname)
+        run_fields[fld] = rh
+        _add_run(fo, samples, fld, rh, preds, dirs)
+    ds.add_samples(list(samples.values()))
+    _evaluate_runs(ds, run_fields)
+    ds.info = {"ground_truth": str(gt_path), "runs": {f: h.get("model") for f, h in run_fields.items()}, "fold": fold}
+    ds.save()
+    return ds
+
+
+def launch(name: str, port: int = 5151, address: str = "127.0.0.1", wait: bool = True):
+    configure_fiftyone()
+    import fiftyone as fo
+
+    session = fo.launch_app(fo.load_dataset(name), port=port, address=address, remote=True)
+    print(f"FiftyOne App: http://{address}:{port}/datasets/{name}  (Ctrl-C to stop)")
+    if wait:
+        session.wait(-1)
+    return session
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m defectkit.review.fiftyone_dataset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--gt", type=Path, required=True)
+    p.add_argument("--runs", type=Path, nargs="*", default=[])
+    p.add_argument("--name", required=True)
+    p.add_argument("--fold", default="test", help="fold to load ('all' for every fold)")
+    p.add_argument("--launch", action="store_true")
+    p.add_argument("--port", type=int, default=5151)
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace):
+    ds = build_dataset(args.name, args.gt, args.runs, None if args.fold == "all" else args.fold)
+    print(f"FiftyOne dataset {args.name!r}: {len(ds)} samples, fields {sorted(ds.get_field_schema())}")
+    print(f"saved views: {ds.list_saved_views()}")
+    if args.launch:
+        launch(args.name, args.port)
+    return ds
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(get_args_parser(), main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
