@@ -118,48 +118,37 @@ def flat_name(e: ManifestEntry) -> str:
     return f"{e.category}__{group}__{Path(e.image).stem}"
 
 
-def _convert_one(args: tuple) -> ImageResult:
-    """Pure-ish worker: read one mask, build every format in memory, redraw and score it."""
-    e_dict, data_root, class_to_id, cfg, label_map_dir = args
-    e = ManifestEntry(**e_dict)
-    root = Path(data_root)
-    img_path = root / e.image
+def _mask_instances(root: Path, e: ManifestEntry, img_path: Path, hw, class_to_id, cfg: ConvertConfig,
+                    res: ImageResult):
+    """The source mask and its instances; marks ``res.skipped`` for an all-zero defect mask."""
+    mask_path = root / e.mask
     try:
-        hw, ch = read_header(img_path)
-        check_complete(img_path)  # images are linked, never decoded here: catch truncation now
+        raw = read_mask(mask_path, binary=False)
     except ImageReadError as err:
         raise ConversionError(str(err)) from err
-    res = ImageResult(flat_name(e), e.fold, e_dict, str(img_path.resolve()), hw, ch)
-    inst = Instances(np.zeros((0, *hw), bool), np.zeros((0, 4)), np.zeros(0, int), np.zeros(0, int))
-    source = np.zeros(hw, bool)
-    if e.mask is not None:
-        mask_path = root / e.mask
-        try:
-            raw = read_mask(mask_path, binary=False)
-        except ImageReadError as err:
-            raise ConversionError(str(err)) from err
-        if raw.shape != hw:
-            raise ConversionError(
-                f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image {img_path} "
-                f"is {hw[1]}x{hw[0]}"
-            )
-        source = raw if raw.dtype == np.uint8 else raw > 0  # > 0 is defect; kept raw for speed
-        if not source.any():
-            res.skipped = "empty mask on a defect image (kept for image-level metrics only)"
-            return res
-        cid = class_to_id[class_name(e.category, e.defect_type, cfg.scheme)]
-        inst = mask_to_instances(source, cid)
-        if cfg.verify:
-            source = source > 0
-        if cfg.min_area > 0:
-            n_all = len(inst)
-            inst = select(inst, inst.areas >= cfg.min_area)
-            res.dropped_small = n_all - len(inst)
-    names = sorted(class_to_id, key=class_to_id.get)
-    res.labels = [names[c] for c in inst.class_ids]
-    res.boxes = inst.boxes_xyxy.tolist()
-    res.areas = inst.areas.tolist()
-    res.rles = [encode_rle(m, b) for m, b in zip(inst.masks, inst.boxes_xyxy, strict=True)]
+    if raw.shape != hw:
+        raise ConversionError(
+            f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image {img_path} "
+            f"is {hw[1]}x{hw[0]}"
+        )
+    source = raw if raw.dtype == np.uint8 else raw > 0  # > 0 is defect; kept raw for speed
+    if not source.any():
+        res.skipped = "empty mask on a defect image (kept for image-level metrics only)"
+        return source, None
+    cid = class_to_id[class_name(e.category, e.defect_type, cfg.scheme)]
+    inst = mask_to_instances(source, cid)
+    if cfg.verify:
+        source = source > 0
+    if cfg.min_area > 0:
+        n_all = len(inst)
+        inst = select(inst, inst.areas >= cfg.min_area)
+        res.dropped_small = n_all - len(inst)
+    return source, inst
+
+
+def _build_formats(res: ImageResult, inst, e: ManifestEntry, hw, ch: int, img_path: Path, source: np.ndarray,
+                   cfg: ConvertConfig, label_map_dir) -> dict[str, dict]:
+    """Every requested format of one image, in memory (label maps written), with fidelity checks."""
     fid: dict[str, dict] = {}
     verify = cfg.verify
 
@@ -207,8 +196,36 @@ def _convert_one(args: tuple) -> ImageResult:
         out.write_bytes(png)
         if verify:  # the PNG round trip itself is OpenCV's job (and tested in tests/test_convert.py)
             fid["label_maps"] = {"image_iou": mask_iou(lm > 0, source, empty=1.0) if e.mask else None}
-    if verify and e.mask:
-        fid["kept_vs_source_iou"] = mask_iou(inst.masks.any(0) if len(inst) else np.zeros(hw, bool), source, empty=1.0)
+    return fid
+
+
+def _convert_one(args: tuple) -> ImageResult:
+    """Pure-ish worker: read one mask, build every format in memory, redraw and score it."""
+    e_dict, data_root, class_to_id, cfg, label_map_dir = args
+    e = ManifestEntry(**e_dict)
+    root = Path(data_root)
+    img_path = root / e.image
+    try:
+        hw, ch = read_header(img_path)
+        check_complete(img_path)  # images are linked, never decoded here: catch truncation now
+    except ImageReadError as err:
+        raise ConversionError(str(err)) from err
+    res = ImageResult(flat_name(e), e.fold, e_dict, str(img_path.resolve()), hw, ch)
+    inst = Instances(np.zeros((0, *hw), bool), np.zeros((0, 4)), np.zeros(0, int), np.zeros(0, int))
+    source = np.zeros(hw, bool)
+    if e.mask is not None:
+        source, inst = _mask_instances(root, e, img_path, hw, class_to_id, cfg, res)
+        if res.skipped:
+            return res
+    names = sorted(class_to_id, key=class_to_id.get)
+    res.labels = [names[c] for c in inst.class_ids]
+    res.boxes = inst.boxes_xyxy.tolist()
+    res.areas = inst.areas.tolist()
+    res.rles = [encode_rle(m, b) for m, b in zip(inst.masks, inst.boxes_xyxy, strict=True)]
+    fid = _build_formats(res, inst, e, hw, ch, img_path, source, cfg, label_map_dir)
+    if cfg.verify and e.mask:
+        kept = inst.masks.any(0) if len(inst) else np.zeros(hw, bool)
+        fid["kept_vs_source_iou"] = mask_iou(kept, source, empty=1.0)
     res.fidelity = fid
     return res
 
@@ -285,18 +302,8 @@ def convert(
     return report
 
 
-def _write_outputs(
-    tmp: Path,
-    final: Path,
-    results: list[ImageResult],
-    classes: list[str],
-    folds: list[str],
-    cfg: ConvertConfig,
-    data_root: Path,
-    manifest: dict,
-) -> dict:
-    used = [r for r in results if r.skipped is None]
-    atomic_write_text(tmp / "classes.txt", "\n".join(classes) + "\n")
+def _write_yolo(tmp: Path, final: Path, used: list[ImageResult], classes: list[str], folds: list[str],
+                cfg: ConvertConfig) -> None:
     for fmt, key in (("yolo", "yolo"), ("yolo_seg", "yolo_seg")):
         if fmt not in cfg.formats:
             continue
@@ -312,7 +319,11 @@ def _write_outputs(
             else "YOLO-seg polygons by defectkit: holes joined to their outline by zero-width cuts"
         )
         (tmp / fmt / "data.yaml").write_text(_data_yaml(tmp / fmt, classes, folds, final / fmt, note))
-    coco_files = {}
+
+
+def _write_coco(tmp: Path, used: list[ImageResult], classes: list[str], folds: list[str], cfg: ConvertConfig,
+                data_root: Path) -> dict[str, Path]:
+    coco_files: dict[str, Path] = {}
     if "coco" in cfg.formats:
         (tmp / "coco").mkdir()
         lic = LICENSES.get(cfg.license, LICENSES["mvtec_ad"])
@@ -348,19 +359,23 @@ def _write_outputs(
             }
             coco_files[fold] = tmp / "coco" / f"{fold}.json"
             coco_files[fold].write_text(json.dumps(doc))
-    if "voc" in cfg.formats:
-        for r in used:
-            p = tmp / "voc" / "Annotations" / f"{r.name}.xml"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(r.voc)
-        (tmp / "voc" / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
-        for fold in folds:
-            (tmp / "voc" / "ImageSets" / "Main" / f"{fold}.txt").write_text(
-                "".join(f"{r.name}\n" for r in used if r.fold == fold)
-            )
-    if "label_maps" in cfg.formats:
-        (tmp / "label_maps").mkdir(exist_ok=True)
-        (tmp / "label_maps" / "classes.txt").write_text("\n".join(["background", *classes]) + "\n")
+    return coco_files
+
+
+def _write_voc(tmp: Path, used: list[ImageResult], folds: list[str]) -> None:
+    for r in used:
+        p = tmp / "voc" / "Annotations" / f"{r.name}.xml"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(r.voc)
+    (tmp / "voc" / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    for fold in folds:
+        (tmp / "voc" / "ImageSets" / "Main" / f"{fold}.txt").write_text(
+            "".join(f"{r.name}\n" for r in used if r.fold == fold)
+        )
+
+
+def _write_ground_truth(tmp: Path, results: list[ImageResult], classes: list[str], cfg: ConvertConfig,
+                        data_root: Path, manifest: dict) -> None:
     header = canonical.make_header(
         "ground_truth",
         "ground_truth",
@@ -389,6 +404,28 @@ def _write_outputs(
             for r in results
         ),
     )
+
+
+def _write_outputs(
+    tmp: Path,
+    final: Path,
+    results: list[ImageResult],
+    classes: list[str],
+    folds: list[str],
+    cfg: ConvertConfig,
+    data_root: Path,
+    manifest: dict,
+) -> dict:
+    used = [r for r in results if r.skipped is None]
+    atomic_write_text(tmp / "classes.txt", "\n".join(classes) + "\n")
+    _write_yolo(tmp, final, used, classes, folds, cfg)
+    coco_files = _write_coco(tmp, used, classes, folds, cfg, data_root) if "coco" in cfg.formats else {}
+    if "voc" in cfg.formats:
+        _write_voc(tmp, used, folds)
+    if "label_maps" in cfg.formats:
+        (tmp / "label_maps").mkdir(exist_ok=True)
+        (tmp / "label_maps" / "classes.txt").write_text("\n".join(["background", *classes]) + "\n")
+    _write_ground_truth(tmp, results, classes, cfg, data_root, manifest)
     report = _fidelity(results, classes, cfg, coco_files, data_root)
     atomic_write_text(tmp / "fidelity.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(

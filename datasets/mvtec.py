@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
 SPLITS = ("train", "validation", "test")  # "validation" exists only in MVTec 3D-AD
-MVTEC_AD_CATEGORIES = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
-)  # fmt: skip
 
 
 class DatasetLayoutError(DataError):
@@ -196,6 +192,76 @@ def _mask_candidates(gt_dir: Path, stem: str) -> list[Path]:
     return [gt_dir / f"{n}{ext}" for n in names for ext in IMAGE_EXTENSIONS]
 
 
+def _index_image(img: Path, cat_dir: Path, type_dir: Path, layout: str, defect: str,
+                 problems: list[Problem], used_masks: set[Path]) -> tuple[tuple[int, int], int, Path | None] | None:
+    """Header size, channels and mask of one image; ``None`` (and a problem recorded) when unusable."""
+    try:
+        hw, ch = read_header(img)
+    except ImageReadError as e:
+        problems.append(Problem("unreadable_image", img, str(e)))
+        return None
+    if defect == GOOD:
+        return hw, ch, None
+    gt_dir = type_dir / "gt" if layout == "mvtec_3d" else cat_dir / "ground_truth" / defect
+    found = [m for m in _mask_candidates(gt_dir, img.stem) if m.is_file()]
+    if not found:
+        problems.append(Problem("missing_mask", img, f"defect image has no mask; expected "
+                                f"{gt_dir / (img.stem + '_mask.png')}"))
+        return None
+    mask_path = found[0]
+    used_masks.add(mask_path)
+    try:
+        mhw, _ = read_header(mask_path)
+    except ImageReadError as e:
+        problems.append(Problem("unreadable_mask", mask_path, str(e)))
+        return None
+    if mhw != hw:
+        problems.append(Problem("size_mismatch", mask_path, f"mask is {mhw[1]}x{mhw[0]} (WxH) but its image {img} "
+                                f"is {hw[1]}x{hw[0]}; masks must match their image"))
+        return None
+    return hw, ch, mask_path
+
+
+def _index_split(root: Path, category: str, split: str, layout: str, problems: list[Problem],
+                 warnings: list[Problem], used_masks: set[Path]) -> list[Sample]:
+    cat_dir = root / category
+    split_dir = cat_dir / split
+    samples: list[Sample] = []
+    if not split_dir.is_dir():
+        return samples
+    for type_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        defect = type_dir.name
+        images = _images_in(type_dir / "rgb" if layout == "mvtec_3d" else type_dir)
+        if split == "train" and defect != GOOD and images:
+            warnings.append(Problem("defect_in_train", type_dir, f"train split holds defect type {defect!r}; "
+                                    "MVTec's train split is defect-free, so these are indexed but anomaly "
+                                    "models will not train on them", "warning"))
+        for img in images:
+            found = _index_image(img, cat_dir, type_dir, layout, defect, problems, used_masks)
+            if found is not None:
+                samples.append(Sample(root, category, split, defect, img, found[2], found[0], found[1]))
+    return samples
+
+
+def _orphan_masks(cat_dir: Path, layout: str, used_masks: set[Path]) -> list[Problem]:
+    """Masks that no image claims: usually a renamed or deleted image."""
+    gt_dirs = (
+        [d / "gt" for d in (cat_dir / "test").iterdir() if (d / "gt").is_dir()]
+        if layout == "mvtec_3d" and (cat_dir / "test").is_dir()
+        else sorted(p for p in (cat_dir / "ground_truth").iterdir() if p.is_dir())
+        if (cat_dir / "ground_truth").is_dir()
+        else []
+    )
+    out = []
+    for gt_dir in gt_dirs:
+        for m in _images_in(gt_dir):
+            if m not in used_masks and gt_dir.name != GOOD:
+                stem = m.stem.removesuffix("_mask")
+                where = cat_dir / "test" / gt_dir.name if layout == "mvtec_ad" else gt_dir.parent / "rgb"
+                out.append(Problem("orphan_mask", m, f"mask has no image; expected an image named {stem}.* in {where}"))
+    return out
+
+
 def index_category(root: str | Path, category: str) -> CategoryIndex:
     """Index one category: every image with its defect type, mask and header size.
 
@@ -210,78 +276,13 @@ def index_category(root: str | Path, category: str) -> CategoryIndex:
     layout = _detect_layout(cat_dir)
     problems: list[Problem] = []
     warnings: list[Problem] = []
-    samples: list[Sample] = []
     used_masks: set[Path] = set()
-
-    for split in SPLITS:
-        split_dir = cat_dir / split
-        if not split_dir.is_dir():
-            continue
-        for type_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            defect = type_dir.name
-            img_dir = type_dir / "rgb" if layout == "mvtec_3d" else type_dir
-            images = _images_in(img_dir)
-            if split == "train" and defect != GOOD and images:
-                warnings.append(
-                    Problem("defect_in_train", type_dir, f"train split holds defect type {defect!r}; "
-                            "MVTec's train split is defect-free, so these are indexed but anomaly "
-                            "models will not train on them", "warning")
-                )
-            for img in images:
-                try:
-                    hw, ch = read_header(img)
-                except ImageReadError as e:
-                    problems.append(Problem("unreadable_image", img, str(e)))
-                    continue
-                mask_path = None
-                if defect != GOOD:
-                    gt_dir = (
-                        type_dir / "gt" if layout == "mvtec_3d" else cat_dir / "ground_truth" / defect
-                    )
-                    found = [m for m in _mask_candidates(gt_dir, img.stem) if m.is_file()]
-                    if not found:
-                        problems.append(
-                            Problem("missing_mask", img, f"defect image has no mask; expected "
-                                    f"{gt_dir / (img.stem + '_mask.png')}")
-                        )
-                        continue
-                    mask_path = found[0]
-                    used_masks.add(mask_path)
-                    try:
-                        mhw, _ = read_header(mask_path)
-                    except ImageReadError as e:
-                        problems.append(Problem("unreadable_mask", mask_path, str(e)))
-                        continue
-                    if mhw != hw:
-                        problems.append(
-                            Problem("size_mismatch", mask_path, f"mask is {mhw[1]}x{mhw[0]} (WxH) but "
-                                    f"its image {img} is {hw[1]}x{hw[0]}; masks must match their image")
-                        )
-                        continue
-                samples.append(Sample(root, category, split, defect, img, mask_path, hw, ch))
-
-    # Masks that no image claims: usually a renamed or deleted image.
-    gt_dirs = (
-        [d / "gt" for d in (cat_dir / "test").iterdir() if (d / "gt").is_dir()]
-        if layout == "mvtec_3d" and (cat_dir / "test").is_dir()
-        else sorted(p for p in (cat_dir / "ground_truth").iterdir() if p.is_dir())
-        if (cat_dir / "ground_truth").is_dir()
-        else []
-    )
-    for gt_dir in gt_dirs:
-        for m in _images_in(gt_dir):
-            if m not in used_masks and gt_dir.name != GOOD:
-                stem = m.stem.removesuffix("_mask")
-                problems.append(
-                    Problem("orphan_mask", m, f"mask has no image; expected an image named {stem}.* "
-                            f"in {cat_dir / 'test' / gt_dir.name if layout == 'mvtec_ad' else gt_dir.parent / 'rgb'}")
-                )
-
+    samples = [s for split in SPLITS for s in _index_split(root, category, split, layout, problems, warnings,
+                                                           used_masks)]
+    problems += _orphan_masks(cat_dir, layout, used_masks)
     if not samples and not problems:
-        problems.append(
-            Problem("empty_category", cat_dir, "category holds no image; expected train/good/*.png "
-                    "and test/<defect>/*.png")
-        )
+        problems.append(Problem("empty_category", cat_dir, "category holds no image; expected train/good/*.png "
+                                "and test/<defect>/*.png"))
     if problems:
         raise DatasetLayoutError(problems, root)
     samples.sort(key=lambda s: s.key)

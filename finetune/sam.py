@@ -474,10 +474,25 @@ def load_sam_data(conv: Path, category: str | None, augment: int, seed: int) -> 
     return SamData(header, gt, header["classes"], data_root, train, val, load_items(gt, data_root, "test", category))
 
 
+def score_fine_tuned(sam, cache, test_inst, d: SamData, key: str, model: str, run: Path, device: str) -> dict:
+    """GT-box-prompted masks of the trained decoder on the test fold: scores, speed, predictions file."""
+    from defectkit.converters.canonical import make_header, write_records
+
+    t0 = time.perf_counter()
+    preds = predict(sam, test_inst, cache, device)
+    infer_s = time.perf_counter() - t0
+    meta = [(list(it.record.labels), it.boxes, ious) for it, (_, _, ious) in zip(test_inst, preds, strict=True)]
+    write_records(run / "predictions.jsonl",
+                  make_header("predictions", f"sam-{model}", d.classes, d.data_root,
+                              manifest=d.header.get("manifest"), fold="test", prompts="ground-truth boxes", base=key),
+                  _records(test_inst, preds, meta))
+    return {"fine_tuned": instance_scores(test_inst, preds),
+            "images_per_s": len(test_inst) / infer_s if infer_s else float("nan")}
+
+
 def main(args: argparse.Namespace) -> dict:
     import torch
 
-    from defectkit.converters.canonical import make_header, write_records
     from defectkit.finetune.sam_core import EmbeddingCache, load_sam
 
     cfg = SamTrainConfig.from_args(args)
@@ -504,42 +519,13 @@ def main(args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - t1
     if distributed and rank != 0:
         return {}
-    t2 = time.perf_counter()
-    preds = predict(sam, test_inst, cache, device)
-    infer_s = time.perf_counter() - t2
-    tuned = instance_scores(test_inst, preds)
-    meta = [(list(it.record.labels), it.boxes, ious) for it, (_, _, ious) in zip(test_inst, preds, strict=True)]
-    write_records(
-        run / "predictions.jsonl",
-        make_header(
-            "predictions",
-            f"sam-{cfg.model}",
-            d.classes,
-            d.data_root,
-            manifest=d.header.get("manifest"),
-            fold="test",
-            prompts="ground-truth boxes",
-            base=key,
-        ),
-        _records(test_inst, preds, meta),
-    )
-    metrics = {
-        "model": cfg.model,
-        "base": key,
-        "data": str(conv),
-        "train_instances": sum(len(i.boxes) for i in d.train),
-        "test_instances": zero_shot["instances"],
-        "zero_shot": zero_shot,
-        "fine_tuned": tuned,
-        "epochs_run": len(history),
-        "train_seconds": train_s,
-        "embedding_seconds": embed_s,
-        "embeddings_computed": cache.misses,
-        "images_per_s": len(test_inst) / infer_s if infer_s else float("nan"),
-        "base_decoder_changed": any(
-            not torch.equal(base_state[k].cpu(), v.cpu()) for k, v in sam.mask_decoder.state_dict().items()
-        ),
-    }
+    metrics = {"model": cfg.model, "base": key, "data": str(conv),
+               "train_instances": sum(len(i.boxes) for i in d.train), "test_instances": zero_shot["instances"],
+               "zero_shot": zero_shot, "epochs_run": len(history), "train_seconds": train_s,
+               "embedding_seconds": embed_s, "embeddings_computed": cache.misses,
+               **score_fine_tuned(sam, cache, test_inst, d, key, cfg.model, run, device),
+               "base_decoder_changed": any(not torch.equal(base_state[k].cpu(), v.cpu())
+                                           for k, v in sam.mask_decoder.state_dict().items())}
     if cfg.model == "tiny":
         metrics["note"] = "tiny SAM (2-block ViT) trained from scratch with a random frozen encoder: not SAM's results"
     if args.yolo_predictions:

@@ -102,3 +102,53 @@ def test_thresholds():
     assert M.f1_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 0.8
     with pytest.raises(ValueError, match="at least one"):
         M.percentile_threshold([])
+
+
+def test_ranking_metrics_match_scikit_learn_with_ties():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(3)
+    s = rng.integers(0, 6, 400).astype(float)  # many ties
+    y = rng.random(400) < 0.3
+    assert M.auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert M.average_precision(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+def test_pixel_metrics_take_images_of_different_sizes_at_their_own_resolution():
+    """Two images, 4x4 and 2x6: one sort over all 28 pixels, as if concatenated."""
+    a, b = np.zeros((4, 4)), np.zeros((2, 6))
+    ma, mb = np.zeros((4, 4), bool), np.zeros((2, 6), bool)
+    ma[0, 0] = mb[1, 5] = True
+    a[0, 0], b[1, 5], b[0, 0] = 0.9, 0.7, 0.8  # one false positive ranked between the defects
+    p = M.pixel_metrics([a, b], [ma, mb])
+    flat_s, flat_y = np.r_[a.ravel(), b.ravel()], np.r_[ma.ravel(), mb.ravel()]
+    assert p["auroc"] == pytest.approx(roc_auc_score(flat_y, flat_s))
+    assert p["pixels"] == 28 and p["regions"] == 2
+    # by hand: PRO 1/2 at FPR 0, 1/2 at FPR 1/26, 1 at 1/26 ... area to 0.3 = 0.5/26 + 1 * (0.3 - 1/26)
+    assert p["aupro"] == pytest.approx((0.5 / 26 + (0.3 - 1 / 26)) / 0.3)
+    with pytest.raises(ValueError, match="resize_map"):
+        M.pixel_metrics([a], [mb])
+
+
+def test_resize_map_goes_back_to_the_mask_size():
+    m = np.arange(4, dtype=np.float32).reshape(2, 2)
+    up = M.resize_map(m, (4, 6))
+    assert up.shape == (4, 6) and up.min() == 0 and up.max() == 3
+    assert M.resize_map(up, (4, 6)) is not None and M.resize_map(m, (2, 2)).tolist() == m.tolist()
+
+
+def test_iou_is_undefined_when_both_masks_are_empty_and_left_out_of_means():
+    empty = np.zeros((3, 3), bool)
+    one = empty.copy()
+    one[1, 1] = True
+    assert np.isnan(M.mask_iou(empty, empty))
+    assert M.iou_dice(one, one) == (1.0, 1.0) and M.iou_dice(one, empty) == (0.0, 0.0)
+    assert M.mean_defined([np.nan, 1.0, 0.0]) == 0.5 and M.mean_defined([np.nan]) is None
+
+
+def test_threshold_falls_back_to_a_percentile_without_val_defects():
+    good = np.linspace(0, 1, 101)
+    thr, rule = M.choose_threshold("f1", good, np.zeros(101, bool), 0.01)
+    assert thr == pytest.approx(0.99) and "fallback" in rule
+    thr, rule = M.choose_threshold("f1", [0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
+    assert thr == 0.8 and rule == "f1"

@@ -88,12 +88,12 @@ def test_every_torch_load_of_our_files_is_weights_only():
 
 
 def test_a_checkpoint_holding_code_is_refused(tmp_path):
+    import argparse
+
     import torch
 
     from defectkit.core.atomic import atomic_torch_save, load_checkpoint
     from defectkit.core.errors import UnreadableFileError
-
-    import argparse
 
     # any pickled object other than tensors and plain values (here a Namespace) needs code to load
     torch.save({"model": argparse.Namespace(x=1)}, tmp_path / "evil.pt")
