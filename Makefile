@@ -57,7 +57,7 @@ COMPARE_DIR := work/compare/$(DATA_NAME)-$(CATEGORY)
 APP_NAME := defectkit-$(DATA_NAME)-$(CATEGORY)
 RUNS ?= $(YOLO_RUN) $(ANOMALY_RUN) $(SAM_RUN)
 
-.PHONY: help setup demo test test-fast lint generate validate stats split convert bench-convert finetune-yolo \
+.PHONY: help setup demo test test-fast lint generate validate stats split synth-defects convert bench-convert finetune-yolo \
 	anomaly bench-anomaly finetune-sam bench-sam compare app clean
 
 help:
@@ -69,6 +69,7 @@ help:
 	@echo "make validate   index DATA/CATEGORY and report layout problems"
 	@echo "make stats      dataset statistics: table, JSON and plots"
 	@echo "make split      the seeded train/val/test split manifest"
+	@echo "make synth-defects  paint N defects with exact masks on good images: an MVTec-layout root (N=, ANOMALY_SOURCE=)"
 	@echo "make convert    masks -> YOLO, YOLO-seg, COCO, VOC, label maps (FORMATS=, SCHEME=, WORKERS=)"
 	@echo "make bench-convert  conversion speed against decoding the masks alone"
 	@echo "make finetune-yolo  python finetune/yolo.py on the converted labels (YOLO_MODEL=, YOLO_ARGS=)"
@@ -128,6 +129,11 @@ $(YOLO_RUN)/metrics.json: $(CONVERTED)
 $(SAM_RUN)/metrics.json: $(CONVERTED) $(YOLO_RUN)/metrics.json
 	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) \
 		--yolo-predictions $(YOLO_RUN)/predictions.jsonl --out $(SAM_RUN)
+
+N ?= 200
+synth-defects: setup
+	$(PY) -m defectkit.datasets synth-defects $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --seed $(SEED) --n $(N) \
+		$(if $(ANOMALY_SOURCE),--anomaly-source $(ANOMALY_SOURCE)) $(if $(OUT),--out $(OUT))
 
 bench-sam: convert
 	$(PY) -m defectkit.finetune.bench_sam_cache --data $(CONV_DIR)

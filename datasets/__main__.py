@@ -6,6 +6,8 @@ Commands::
     validate   index + decode every mask (``--deep``: every image too); list layout problems
     stats      statistics table (printed), JSON and defect-size plot per category
     split      the seeded, stratified train/val/test split manifest
+    synth-defects  paint --n defects with exact masks on each category's good images (an
+               MVTec-layout root in --out, default work/data/<data>-synth-s<seed>-n<n>)
     demo       generate (when no --data) -> validate -> stats -> split
 
 Without ``--data`` the embedded synthetic dataset is used (and generated on first use).
@@ -30,7 +32,7 @@ log = logging.getLogger("defectkit.datasets")
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m defectkit.datasets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["generate", "validate", "stats", "split", "demo"])
+    p.add_argument("command", choices=["generate", "validate", "stats", "split", "synth-defects", "demo"])
     p.add_argument("--data", type=Path, default=None, help="MVTec-layout root (default: embedded synthetic set)")
     p.add_argument("--category", default="all", help="category name or 'all' (default)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default work/out/<data name>)")
@@ -40,6 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true", help="validate: decode every image too")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--force", action="store_true", help="generate: replace an existing root")
+    p.add_argument("--n", type=int, default=200, help="synth-defects: synthetic defect images per category")
+    p.add_argument("--anomaly-source", type=Path, default=None,
+                   help="synth-defects: a folder of texture images to fill defects with (e.g. DTD)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -49,6 +54,22 @@ def _fractions(text: str) -> dict[str, float]:
     if len(parts) != 3:
         raise SystemExit(f"--fractions needs three numbers train,val,test; got {text!r}")
     return dict(zip(("train", "val", "test"), parts, strict=True))
+
+
+def synth_defects(root: Path, args: argparse.Namespace) -> dict:
+    """Synthetic defects on each category's good images, as an MVTec-layout root."""
+    from defectkit.datasets.defect_synth import summary, write_synthetic_root
+    from defectkit.datasets.mvtec import resolve_categories
+
+    out = args.out or WORK / "data" / f"{Path(root).resolve().name}-synth-s{args.seed}-n{args.n}"
+    result = {}
+    for cat in resolve_categories(Path(root), args.category):
+        info = write_synthetic_root(Path(root), cat, out, args.n, args.seed, args.anomaly_source,
+                                    progress=not args.quiet)
+        print(summary(info))
+        print(f"  -> {out / cat}  (montage: {out / cat / 'montage.png'})")
+        result[cat] = info
+    return {"root": str(out), "categories": result}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -61,6 +82,8 @@ def main(args: argparse.Namespace) -> dict:
     root = args.data
     if root is None:
         root = synthetic.generate(progress=not args.quiet)
+    if args.command == "synth-defects":
+        return synth_defects(Path(root), args)
     out = args.out or WORK / "out" / Path(root).resolve().name
     indexes = index_dataset(root, args.category)
     result: dict = {"root": str(root), "out": str(out), "categories": {}}
