@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-RECON_MODELS = ("conv_ae", "unet_ae", "fc_ae", "vae")
+RECON_MODELS = ("conv_ae", "unet_ae", "fc_ae", "vae", "draem")
 FEATURE_MODELS = ("ocsvm", "patchcore")
 LOSSES = ("mse", "ssim", "mse_ssim")
 THRESHOLDS = ("f1", "otsu", "percentile")
@@ -72,7 +72,8 @@ class ScoreConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ScoreConfig:
         scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
-        topk = "max" if str(args.topk) == "max" else float(args.topk)
+        topk_arg = args.topk if args.topk is not None else ("max" if args.model == "draem" else "1")
+        topk = "max" if str(topk_arg) == "max" else float(topk_arg)
         return _from(cls, args, map=args.map or args.loss, scales=scales, topk=topk)
 
 

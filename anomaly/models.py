@@ -172,12 +172,16 @@ def build_model(
     skips: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """A model from :data:`MODELS` for ``in_ch``-channel ``size`` px inputs."""
-    if name not in MODELS:
+    if name not in (*MODELS, "draem"):
         raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if name != "fc_ae" and size % 2**depth:
         raise ConfigError(f"input size {size} must be a multiple of 2**depth = {2**depth}")
     if name == "fc_ae":
         return FCAE(in_ch, size, latent=latent or 32)
+    if name == "draem":
+        from defectkit.anomaly.draem import Draem
+
+        return Draem(in_ch, base, depth, latent or 64)
     if name == "unet_ae":
         return UNetAE(in_ch, base, depth, latent or 64, skips)
     if name == "vae":

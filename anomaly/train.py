@@ -7,7 +7,8 @@
         --backbone-weights /path/resnet18-f37072fd.pth
     make anomaly DATA=... CATEGORY=... MODEL=...
 
-Models (``--model``): reconstruction models ``conv_ae``, ``unet_ae``, ``fc_ae``, ``vae`` trained
+Models (``--model``): ``draem`` (reconstruct-and-discriminate on synthesized defects, see
+``anomaly/draem.py``); reconstruction models ``conv_ae``, ``unet_ae``, ``fc_ae``, ``vae`` trained
 with ``--loss`` ``mse``, ``ssim`` or ``mse_ssim`` (MSE + lambda * (1 - SSIM), lambda 0.84), on
 ``--input`` ``rgb``, ``gray`` or ``fft`` (log-magnitude spectrum; image-level scores only); and
 frozen-feature models ``ocsvm`` (pooled ResNet features + One-Class SVM, image level) and
@@ -96,7 +97,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--scales", default=None,
                    help="sliding-window sizes in model pixels, e.g. 64,128 (default: whole image)")
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of maps, in model pixels")
-    p.add_argument("--topk", default="1", help="image score: mean of the top-k %% pixels, or 'max'")
+    p.add_argument("--topk", default=None,
+                   help="image score: mean of the top-k %% pixels, or 'max' (default 1; draem: max, as DRAEM)")
     p.add_argument("--threshold", choices=THRESHOLDS, default="f1",
                    help="image and pixel thresholds, chosen on the val fold")
     p.add_argument("--false-alarm-rate", type=float, default=0.01, help="for --threshold percentile")
@@ -211,8 +213,20 @@ def check_finite(value, epoch: int, step: int, lr: float) -> None:
                             f"rate (--lr, now {lr:g}) or check the training images")
 
 
-def train_one_epoch(model, loader, optimizer, loss, device, epoch: int, cfg: TrainConfig, scaler=None,
-                    kl_weight: float = 0.0, progress=None) -> float:
+def reconstruction_objective(loss, kl_weight: float = 0.0):
+    """The autoencoders' step loss: reconstruct the good image (plus the VAE's KL term)."""
+
+    def objective(model, x):
+        value = loss(x.float(), model(x).float())
+        if kl_weight and hasattr(model, "kl"):
+            value = value + kl_weight * model.kl
+        return value
+
+    return objective
+
+
+def train_one_epoch(model, loader, optimizer, objective, device, epoch: int, cfg: TrainConfig, scaler=None,
+                    progress=None) -> float:
     import torch
 
     model.train()
@@ -220,10 +234,7 @@ def train_one_epoch(model, loader, optimizer, loss, device, epoch: int, cfg: Tra
     for step, (x,) in enumerate(loader):
         x = x.to(device, non_blocking=True)
         with torch.autocast(device_type="cuda", enabled=scaler is not None):
-            recon = model(x)
-            value = loss(x.float(), recon.float())
-            if kl_weight and hasattr(model, "kl"):
-                value = value + kl_weight * model.kl
+            value = objective(model, x)
         check_finite(value.detach(), epoch + 1, step + 1, cfg.lr)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -292,17 +303,24 @@ def fit_reconstruction(cfg: RunConfig, run: Path, train_x: np.ndarray, val_x: np
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t.epochs))
     scaler = torch.amp.GradScaler("cuda") if device.startswith("cuda") else None
-    loss = loss_fn(t.loss, t.ssim_lambda)
+    if m.model == "draem":
+        from defectkit.anomaly.draem import DraemObjective, DraemScorer, build_synthesizer
+
+        objective = DraemObjective(build_synthesizer(train_x), 1.0, t.seed)
+        scorer = DraemScorer(model, m.imgsz, s.topk, device)
+    else:
+        objective = reconstruction_objective(loss_fn(t.loss, t.ssim_lambda), m.kl_weight if m.model == "vae" else 0)
+        scorer = Scorer(model, s.map, s.ssim_lambda, None, s.sigma, s.topk, device)
     state = _resume(run, model, opt, sched, device) if t.resume else TrainState()
     dataset = _Augmented(train_x, t.augment)
-    scorer = Scorer(model, s.map, s.ssim_lambda, None, s.sigma, s.topk, device)
     bar = tqdm(range(state.epoch + 1, t.epochs), desc=f"{m.model} {cfg.data.category}", disable=t.quiet,
                initial=state.epoch + 1, total=t.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
-        kl = m.kl_weight if m.model == "vae" else 0.0
-        train_loss = train_one_epoch(model, epoch_loader(dataset, t, epoch), opt, loss, device, epoch, t, scaler,
-                                     kl, bar)
+        if hasattr(objective, "reseed"):
+            objective.reseed(t.seed, epoch)  # the epoch's synthetic defects depend on (seed, epoch) only
+        train_loss = train_one_epoch(model, epoch_loader(dataset, t, epoch), opt, objective, device, epoch, t,
+                                     scaler, bar)
         sched.step()
         val = evaluate(scorer, val_x, val_y)["auroc"]
         _step_state(state, epoch, train_loss, val, time.perf_counter() - t0, model, run)
@@ -377,6 +395,10 @@ def build_scorer(cfg: RunConfig, data: CategoryData, run: Path, device: str):
         sel_x, sel_y = selection_set(data, cfg.data.val_fold)
         model, history = fit_reconstruction(cfg, run, data.fit_x, sel_x, sel_y, device)
         s = cfg.score
+        if cfg.model.model == "draem":
+            from defectkit.anomaly.draem import DraemScorer
+
+            return DraemScorer(model, cfg.model.imgsz, s.topk, device), model, history
         scorer = Scorer(model, s.map, s.ssim_lambda, s.scales, s.sigma, s.topk, device)
         if len(scorer.scales) > 1:
             scorer.calibrate(data.hold_x)
