@@ -73,7 +73,7 @@ help:
 	@echo "make convert    masks -> YOLO, YOLO-seg, COCO, VOC, label maps (FORMATS=, SCHEME=, WORKERS=)"
 	@echo "make bench-convert  conversion speed against decoding the masks alone"
 	@echo "make finetune-yolo  python finetune/yolo.py on the converted labels (YOLO_MODEL=, YOLO_ARGS=)"
-	@echo "make anomaly    python anomaly/train.py per category (MODEL=conv_ae|unet_ae|fc_ae|vae|ocsvm|patchcore, ANOMALY_ARGS=)"
+	@echo "make anomaly    python anomaly/train.py per category (MODEL=draem|conv_ae|unet_ae|fc_ae|vae|ocsvm|patchcore, ANOMALY_ARGS=)"
 	@echo "make bench-anomaly  every reconstruction model on DATA/CATEGORY: metrics, time, throughput"
 	@echo "make finetune-sam   python finetune/sam.py (SAM_MODEL=vit_b SAM_ARGS='--checkpoint PATH ...')"
 	@echo "make bench-sam  a SAM decoder epoch with and without the embedding cache"

@@ -12,9 +12,10 @@ the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from defectkit.core.atomic import atomic_write_json, atomic_write_text
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None)
     p.add_argument("--category", default="washer")
-    p.add_argument("--models", default="conv_ae,unet_ae,vae,fc_ae")
+    p.add_argument("--models", default="draem,conv_ae,unet_ae,vae,fc_ae")
     p.add_argument("--out", type=Path, default=None, help="runs go to OUT/<model>; the table to OUT/table.md")
     a = p.parse_args(own)
     from defectkit.anomaly import train as T
@@ -36,28 +37,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
              *(["--out", str(a.out / model)] if a.out else [])])
         m = T.main(args)
         rows.append({"model": model, "image_auroc": m["image"]["auroc"], "pixel_auroc": m.get("pixel", {}).get("auroc"),
-                     "aupro": m.get("pixel", {}).get("aupro"), "latent_knn": m.get("latent_knn_auroc"),
+                     "aupro": m.get("pixel", {}).get("aupro"),
+                     "pixel_ap": m.get("pixel", {}).get("ap"), "latent_knn": m.get("latent_knn_auroc"),
                      "train_s": m["train_seconds"], "images_per_s": m["images_per_s"], "epochs": m["epochs_run"]})
     ref = rows[0]
     lines = [
         f"{a.category} ({a.data or 'embedded synthetic'}), args: {' '.join(extra) or '(defaults)'}",
         "",
-        "| model | image AUROC | pixel AUROC | AUPRO@30% | latent kNN AUROC | epochs | train s | x ref | images/s "
-        "| x ref |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | image AUROC | pixel AUROC | AUPRO@30% | pixel AP | latent kNN AUROC | epochs | train s | x ref "
+        "| images/s | x ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in rows:
         lines.append(
-            f"| {r['model']} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['aupro'])} | {f(r['latent_knn'])} "
+            f"| {r['model']} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['aupro'])} | {f(r['pixel_ap'])} "
+            f"| {f(r['latent_knn'])} "
             f"| {r['epochs']} | {r['train_s']:.0f} | {r['train_s'] / ref['train_s']:.2f} | {r['images_per_s']:.0f} "
             f"| {r['images_per_s'] / ref['images_per_s']:.2f} |"
         )
     print("\n".join(lines))
     if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "table.md").write_text("\n".join(lines) + "\n")
-        (a.out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(a.out / "table.md", "\n".join(lines) + "\n")
+        atomic_write_json(a.out / "table.json", rows)
     return rows
 
 

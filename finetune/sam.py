@@ -215,9 +215,20 @@ def train_one_epoch(sam, items, cache, opt, cfg: SamTrainConfig, rng, low: int, 
     return total / max(n, 1)
 
 
+def mask_confidence(prob: np.ndarray) -> np.ndarray:
+    """A score per mask from its own logits: the mean probability inside the predicted mask (0 for
+    an empty mask).  SAM's IoU head is not trained by the decoder loss here, so its output is
+    not used as a confidence."""
+    inside = prob > 0.5
+    n = inside.reshape(len(prob), -1).sum(1)
+    total = (prob * inside).reshape(len(prob), -1).sum(1)
+    return np.where(n > 0, total / np.maximum(n, 1), 0.0)
+
+
 def predict(sam, items, cache, device: str, boxes_of=None):
-    """For each item: masks (N, H, W) bool, mask probabilities, IoU predictions, for box prompts
-    (the item's GT boxes unless ``boxes_of(item)`` gives others)."""
+    """For each item: masks (N, H, W) bool, mask probabilities, mask confidences
+    (:func:`mask_confidence`), for box prompts (the item's GT boxes unless ``boxes_of(item)``
+    gives others)."""
     import torch
 
     from defectkit.finetune.sam_core import decode, full_res
@@ -231,9 +242,9 @@ def predict(sam, items, cache, device: str, boxes_of=None):
                 out.append((np.zeros((0, *it.hw), bool), np.zeros((0, *it.hw), np.float32), np.zeros(0)))
                 continue
             emb = cache.get(it.rgb).to(device)
-            logits, iou = decode(sam, emb, boxes, it.hw, cache)
+            logits, _iou = decode(sam, emb, boxes, it.hw, cache)
             prob = full_res(sam, logits, it.hw, cache).cpu().numpy()
-            out.append((prob > 0.5, prob, iou[:, 0].cpu().numpy()))
+            out.append((prob > 0.5, prob, mask_confidence(prob)))
     return out
 
 
@@ -304,10 +315,10 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
         ck = _load_trained(sam, last, key, device)
         opt.load_state_dict(ck["optimizer"])
         start, best, stale, history = ck["epoch"] + 1, ck["best_val_iou"], ck["stale"], ck["history"]
-    rng = np.random.default_rng(cfg.seed + start)
     bar = tqdm(range(start, cfg.epochs), desc="SAM decoder", disable=cfg.quiet, initial=start, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, epoch])  # per epoch: a resumed run replays the same draws
         loss = train_one_epoch(sam, train_items, cache, opt, cfg, rng, low, device, epoch)
         val = instance_scores(val_items, predict(sam, val_items, cache, device))["iou"] if val_items else -loss
         improved = val > best + 1e-4
@@ -474,20 +485,23 @@ def load_sam_data(conv: Path, category: str | None, augment: int, seed: int) -> 
     return SamData(header, gt, header["classes"], data_root, train, val, load_items(gt, data_root, "test", category))
 
 
-def score_fine_tuned(sam, cache, test_inst, d: SamData, key: str, model: str, run: Path, device: str) -> dict:
-    """GT-box-prompted masks of the trained decoder on the test fold: scores, speed, predictions file."""
+def score_fine_tuned(sam, cache, test_items, d: SamData, key: str, model: str, run: Path, device: str) -> dict:
+    """GT-box-prompted masks of the trained decoder on the test fold: scores, speed, predictions file.
+
+    Every test image gets a record (an image without a defect has no prompt and no mask), so the
+    comparison sees the same test images for SAM as for every other model."""
     from defectkit.converters.canonical import make_header, write_records
 
     t0 = time.perf_counter()
-    preds = predict(sam, test_inst, cache, device)
+    preds = predict(sam, test_items, cache, device)
     infer_s = time.perf_counter() - t0
-    meta = [(list(it.record.labels), it.boxes, ious) for it, (_, _, ious) in zip(test_inst, preds, strict=True)]
+    meta = [(list(it.record.labels), it.boxes, conf) for it, (_, _, conf) in zip(test_items, preds, strict=True)]
     write_records(run / "predictions.jsonl",
                   make_header("predictions", f"sam-{model}", d.classes, d.data_root,
                               manifest=d.header.get("manifest"), fold="test", prompts="ground-truth boxes", base=key),
-                  _records(test_inst, preds, meta))
-    return {"fine_tuned": instance_scores(test_inst, preds),
-            "images_per_s": len(test_inst) / infer_s if infer_s else float("nan")}
+                  _records(test_items, preds, meta))
+    return {"fine_tuned": instance_scores(test_items, preds), "test_images": len(test_items),
+            "images_per_s": len(test_items) / infer_s if infer_s else float("nan")}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -523,7 +537,7 @@ def main(args: argparse.Namespace) -> dict:
                "train_instances": sum(len(i.boxes) for i in d.train), "test_instances": zero_shot["instances"],
                "zero_shot": zero_shot, "epochs_run": len(history), "train_seconds": train_s,
                "embedding_seconds": embed_s, "embeddings_computed": cache.misses,
-               **score_fine_tuned(sam, cache, test_inst, d, key, cfg.model, run, device),
+               **score_fine_tuned(sam, cache, d.test, d, key, cfg.model, run, device),
                "base_decoder_changed": any(not torch.equal(base_state[k].cpu(), v.cpu())
                                            for k, v in sam.mask_decoder.state_dict().items())}
     if cfg.model == "tiny":

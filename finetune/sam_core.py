@@ -17,8 +17,21 @@ import torch.nn.functional as F
 from defectkit.core.atomic import atomic_torch_save
 from defectkit.core.errors import MissingFileError
 
-CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth",
+               "vit_tiny": "sam_vit_tiny.pth"}
+#: ``tiny``: built in memory, random (tests, offline demo); ``vit_tiny``: the same 2-block ViT read from
+#: a checkpoint file in segment-anything's format, through the same loading code as vit_b/l/h
 MODEL_NAMES = (*CHECKPOINTS, "tiny")
+TINY_CHECKPOINT_SIZE = 256
+
+
+def build_sam_vit_tiny(checkpoint: str | None = None):
+    """A ``sam_model_registry``-style builder for the 2-block ViT: ``checkpoint`` is a state dict
+    saved with ``torch.save(sam.state_dict(), "sam_vit_tiny.pth")``, read with weights_only=True."""
+    sam = build_tiny_sam(TINY_CHECKPOINT_SIZE)
+    if checkpoint is not None:
+        sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return sam
 
 
 def build_tiny_sam(img_size: int = 256, seed: int = 0, dim: int = 64):
@@ -89,7 +102,8 @@ def load_sam(model: str, checkpoint: Path | None, tiny_size: int = 256, seed: in
             "segment-anything repository's model links on a machine with internet, copy it here and pass "
             "--checkpoint PATH (nothing is downloaded at run time); or use --model tiny for an offline smoke test."
         )
-    sam = sam_model_registry[model](checkpoint=str(checkpoint))
+    registry = {**sam_model_registry, "vit_tiny": build_sam_vit_tiny}
+    sam = registry[model](checkpoint=str(checkpoint))
     return sam.eval(), f"{model}-{file_sha256(Path(checkpoint))[:12]}"
 
 

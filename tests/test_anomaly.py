@@ -135,6 +135,8 @@ TINY = [
 def _run(synthetic_root, tmp_path, *extra):
     from defectkit.anomaly import train as T
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
+
     args = T.get_args_parser().parse_args(
         [
             "--data",
@@ -284,3 +286,38 @@ def test_draem_objective_keeps_half_the_batch_unaltered_with_empty_masks():
     logits = torch.zeros(1, 2, 2, 2)
     logits[0, 1] = 5.0  # confident "defect" everywhere
     assert focal_loss(logits, torch.ones(1, 2, 2)) < 1e-3 < focal_loss(logits, torch.zeros(1, 2, 2))
+
+
+def test_conv_ae_detection_floor_on_the_embedded_washer(synthetic_root, tmp_path):
+    """A floor that a sign flip, a transposed map or a misaligned mask would break."""
+    m, _ = _run(synthetic_root, tmp_path, "--model", "conv_ae", "--category", "washer", "--imgsz", "64",
+                "--depth", "3", "--epochs", "6", "--steps-per-epoch", "8", "--no-plots", "--patience", "99")
+    assert m["image"]["auroc"] > 0.8 and m["pixel"]["auroc"] > 0.8, (m["image"]["auroc"], m["pixel"]["auroc"])
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights_and_history(synthetic_root, tmp_path, monkeypatch):
+    from defectkit.anomaly import train as T
+
+    common = ["--category", "weave", "--epochs", "4", "--no-plots", "--patience", "99", "--augment"]
+    _run(synthetic_root, tmp_path / "a", *common)
+    full = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)
+
+    real = T.train_one_epoch
+
+    def dies_in_epoch_3(model, loader, opt, objective, device, epoch, *a, **k):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return real(model, loader, opt, objective, device, epoch, *a, **k)
+
+    monkeypatch.setattr(T, "train_one_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(synthetic_root, tmp_path / "b", *common)
+    assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "b" / "run" / "metrics.json").exists()
+    monkeypatch.setattr(T, "train_one_epoch", real)
+    _run(synthetic_root, tmp_path / "b", *common, "--resume")
+    resumed = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
+    for k, v in full["model"].items():
+        assert torch.allclose(v.float(), resumed["model"][k].float(), atol=1e-6), k
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in full["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]]

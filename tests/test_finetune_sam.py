@@ -125,3 +125,25 @@ def test_cascade_rejects_other_classes(conv, tmp_path):
     yolo = write_records(tmp_path / "y.jsonl", make_header("predictions", "y", ["other"], header["data_root"]), [])
     with pytest.raises(ValueError, match="same conversion"):
         S.main(_args(conv, tmp_path, "--epochs", "0", "--yolo-predictions", yolo))
+
+
+@pytest.mark.slow
+def test_an_interrupted_sam_run_resumes_to_the_same_decoder(conv, tmp_path, monkeypatch):
+    S.main(_args(conv, tmp_path / "a", "--epochs", "3", "--patience", "99"))
+    full = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)
+    real = S.train_one_epoch
+
+    def dies_in_epoch_3(sam, items, cache, opt, cfg, rng, low, device, epoch=0):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return real(sam, items, cache, opt, cfg, rng, low, device, epoch)
+
+    monkeypatch.setattr(S, "train_one_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        S.main(_args(conv, tmp_path / "b", "--epochs", "3", "--patience", "99"))
+    monkeypatch.setattr(S, "train_one_epoch", real)
+    S.main(_args(conv, tmp_path / "b", "--epochs", "3", "--patience", "99", "--resume"))
+    resumed = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
+    for k, v in full["mask_decoder"].items():
+        assert torch.allclose(v, resumed["mask_decoder"][k], atol=1e-6), k
+    assert [h["train_loss"] for h in full["history"]] == pytest.approx([h["train_loss"] for h in resumed["history"]])
