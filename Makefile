@@ -20,11 +20,13 @@ CATEGORY ?= all
 OUT ?=
 SEED ?= 0
 
-# Everything a run writes stays inside the project's git-ignored work/ folder.
-export FIFTYONE_DATABASE_DIR := $(CURDIR)/work/fiftyone/db
+# Everything a run writes stays inside the project's git-ignored work/ folder (WORK=... moves it).
+WORK ?= work
+export DEFECTKIT_WORK := $(abspath $(WORK))
+export FIFTYONE_DATABASE_DIR := $(DEFECTKIT_WORK)/fiftyone/db
 export FIFTYONE_DATABASE_VALIDATION := false
 export FIFTYONE_DO_NOT_TRACK := true
-export YOLO_CONFIG_DIR := $(CURDIR)/work/ultralytics
+export YOLO_CONFIG_DIR := $(DEFECTKIT_WORK)/ultralytics
 export YOLO_OFFLINE := 1
 export MPLBACKEND := Agg
 
@@ -32,15 +34,17 @@ FORMATS ?= yolo,yolo_seg,coco,voc,label_maps
 SCHEME ?= defect
 WORKERS ?= 1
 DATA_NAME := $(if $(DATA),$(notdir $(abspath $(DATA))),defectkit_synth)
-OUT_DIR := $(if $(OUT),$(OUT),work/out/$(DATA_NAME))
+OUT_DIR := $(if $(OUT),$(OUT),$(WORK)/out/$(DATA_NAME))
 CONV_DIR := $(OUT_DIR)/converted/$(CATEGORY)-$(SCHEME)
 DATA_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --out $(OUT_DIR) --seed $(SEED)
 CONVERT_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --seed $(SEED) --formats $(FORMATS) \
 	--scheme $(SCHEME) --workers $(WORKERS) --manifest $(OUT_DIR)/manifest.json --out $(CONV_DIR)
 # YOLO: the offline from-scratch recipe by default (no weights can be downloaded here);
 # with weights in work/weights: YOLO_ARGS="--text-embeddings clip --epochs 100 --imgsz 640"
-MODEL ?= conv_ae
-ANOMALY_ARGS ?= --imgsz 128 --epochs 12 --augment
+# the demo's anomaly model: DRAEM (reconstruct-and-discriminate on synthesized defects), README "DRAEM"
+MODEL ?= draem
+ANOMALY_ARGS_draem := --imgsz 128 --epochs 12 --batch 8 --lr 1e-3 --augment
+ANOMALY_ARGS ?= $(or $(ANOMALY_ARGS_$(MODEL)),--imgsz 128 --epochs 12 --augment)
 YOLO_MODEL ?= yolov8n-worldv2
 YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 40 --imgsz 256 --batch 8
 SAM_MODEL ?= tiny
@@ -50,10 +54,10 @@ APP_PORT ?= 5151
 # the demo's stages, each a file target: a finished stage is reused, a rerun is safe
 MANIFEST := $(OUT_DIR)/manifest.json
 CONVERTED := $(CONV_DIR)/fidelity.json
-ANOMALY_RUN := work/runs/anomaly/$(DATA_NAME)-$(CATEGORY)-$(MODEL)
-YOLO_RUN := work/runs/yolo/$(DATA_NAME)-$(CATEGORY)-$(YOLO_MODEL)
-SAM_RUN := work/runs/sam/$(DATA_NAME)-$(CATEGORY)-$(SAM_MODEL)
-COMPARE_DIR := work/compare/$(DATA_NAME)-$(CATEGORY)
+ANOMALY_RUN := $(WORK)/runs/anomaly/$(DATA_NAME)-$(CATEGORY)-$(MODEL)
+YOLO_RUN := $(WORK)/runs/yolo/$(DATA_NAME)-$(CATEGORY)-$(YOLO_MODEL)
+SAM_RUN := $(WORK)/runs/sam/$(DATA_NAME)-$(CATEGORY)-$(SAM_MODEL)
+COMPARE_DIR := $(WORK)/compare/$(DATA_NAME)-$(CATEGORY)
 APP_NAME := defectkit-$(DATA_NAME)-$(CATEGORY)
 RUNS ?= $(YOLO_RUN) $(ANOMALY_RUN) $(SAM_RUN)
 
@@ -98,7 +102,7 @@ demo: setup
 	$(PY) -m defectkit.datasets demo $(DATA_ARGS) -q
 	@echo "== 2/7 convert masks to labels"
 	$(MAKE) --no-print-directory $(CONVERTED)
-	@echo "== 3/7 anomaly baseline ($(MODEL)), trained on good images only"
+	@echo "== 3/7 anomaly model ($(MODEL)), trained on good images only"
 	$(MAKE) --no-print-directory $(ANOMALY_RUN)/.done
 	@echo "== 4/7 YOLO ($(YOLO_MODEL)) on the converted labels"
 	$(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json
@@ -176,7 +180,7 @@ anomaly: split
 
 bench-anomaly: split
 	$(PY) -m defectkit.anomaly.bench_models $(if $(DATA),--data $(DATA)) --category $(if $(filter all,$(CATEGORY)),washer,$(CATEGORY)) \
-		--out work/bench/anomaly-$(DATA_NAME) -- --manifest $(OUT_DIR)/manifest.json $(ANOMALY_ARGS)
+		--out $(WORK)/bench/anomaly-$(DATA_NAME) -- --manifest $(OUT_DIR)/manifest.json $(ANOMALY_ARGS)
 
 test: setup
 	$(VENV)/bin/pytest -n 2
@@ -188,4 +192,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf work .pytest_cache .ruff_cache
+	rm -rf $(WORK) .pytest_cache .ruff_cache

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 #: the repository root (the ``defectkit`` package)
 ROOT = Path(__file__).resolve().parents[1]
-#: everything a run writes
-WORK = ROOT / "work"
+#: everything a run writes; ``DEFECTKIT_WORK`` (set by ``make WORK=...``) moves it
+WORK = Path(os.environ["DEFECTKIT_WORK"]).resolve() if os.environ.get("DEFECTKIT_WORK") else ROOT / "work"

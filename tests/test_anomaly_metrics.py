@@ -152,3 +152,22 @@ def test_threshold_falls_back_to_a_percentile_without_val_defects():
     assert thr == pytest.approx(0.99) and "fallback" in rule
     thr, rule = M.choose_threshold("f1", [0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
     assert thr == 0.8 and rule == "f1"
+
+
+def test_pixel_auroc_and_aupro_match_independent_implementations():
+    """Values computed once by torchmetrics' BinaryAUROC and anomalib's AUPRO (versions in the fixture;
+    tests/fixtures/make_reference_metrics.py says how), not by code that shares the suite's conventions."""
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(__file__).parent / "fixtures" / "independent_metrics.json").read_text())
+    rng = np.random.default_rng(ref["fixture_seed"])
+    masks = np.zeros((4, 48, 64), bool)
+    masks[0, 5:15, 10:30] = True
+    masks[0, 30, 40] = True
+    masks[1, 20:48, 0:6] = True
+    masks[2, 10:12, 5:60] = True
+    maps = (rng.random(masks.shape) * 0.7 + masks * rng.random(masks.shape) * 0.6).round(3).astype(np.float32)
+    p = M.pixel_metrics(list(maps), list(masks), max_fpr=0.3)
+    assert p["auroc"] == pytest.approx(ref["pixel_auroc"], abs=1e-6)
+    assert p["aupro"] == pytest.approx(ref["aupro_0.3"], abs=1e-6)

@@ -130,3 +130,26 @@ def test_missing_weights_and_misuse_are_clear_errors(data_yaml, no_clip, tmp_pat
     assert r.returncode == 2 and "only with --from-scratch" in r.stderr
     r = _run(["--data", tmp_path / "missing.yaml"], no_clip, tmp_path)
     assert r.returncode == 2 and "make convert" in r.stderr
+
+
+@pytest.mark.slow
+def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml, no_clip, tmp_path):
+    """--weights PATH and --text-embeddings file: the route a user with real YOLO-World weights takes.
+    The stand-in .pt is a 1-epoch from-scratch run of the same model, saved by Ultralytics itself."""
+    import torch
+
+    r = _run(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
+              *COMMON, "--out", tmp_path / "base"], no_clip, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.manual_seed(0)
+    table = {n: torch.randn(512) for n in ["cut", "speck", "stain", "tear"]}
+    torch.save(table, tmp_path / "emb.pt")
+    args = ["--data", data_yaml, "--model", "yolov8n-worldv2", "--weights", tmp_path / "base" / "weights" / "best.pt",
+            "--text-embeddings", "file", "--text-embeddings-file", tmp_path / "emb.pt", "--epochs", "1",
+            "--imgsz", "64", "--batch", "8", "--workers", "0", "--device", "cpu", "--out", tmp_path / "ft", "-q"]
+    r = _run(args, no_clip, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert m["from_scratch"] is False and m["text_embeddings"] == "file" and "from scratch" not in (m.get("note") or "")
+    info = json.loads((tmp_path / "ft" / "classes.json").read_text())
+    assert info["start"].endswith("best.pt") and info["pretrained"] is True
