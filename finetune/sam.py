@@ -388,6 +388,7 @@ def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig
     """YOLO boxes as prompts: instance masks scored by mask AP, pixel IoU and pixel AUROC/AUPRO (the
     suite's metrics: images with neither a defect nor a kept box have no IoU and are left out)."""
     from defectkit.converters.canonical import make_header, read_records, write_records
+    from defectkit.review.compare import pixel_score_map
     from defectkit.review.detection import coco_evaluate
     from defectkit.review.metrics import mean_defined, pixel_metrics
 
@@ -420,14 +421,12 @@ def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig
         recs,
     )
     ious, score_maps, gts = [], [], []
-    for it, (masks, prob, _), (_labels, _boxes, scores) in zip(test_items, preds, meta, strict=True):
+    for it, rec, (masks, _prob, _), (_labels, _boxes, scores) in zip(test_items, recs, preds, meta, strict=True):
         keep = np.asarray(scores) >= cfg.conf
         pred_union = masks[keep].any(0) if keep.any() else np.zeros(it.hw, bool)
         gt_union = it.masks.any(0) if len(it.masks) else np.zeros(it.hw, bool)
         ious.append(iou_dice(pred_union, gt_union)[0])
-        score_maps.append(
-            (prob * np.asarray(scores, np.float32)[:, None, None]).max(0) if len(prob) else np.zeros(it.hw, np.float32)
-        )
+        score_maps.append(pixel_score_map(rec, run, it.hw))  # from what was written, as the comparison does
         gts.append(gt_union)
     px = pixel_metrics(score_maps, gts)
     return {

@@ -79,8 +79,9 @@ def _union(rec: ImageRecord | None, hw, conf: float) -> np.ndarray | None:
     return m
 
 
-def _pixel_scores(rec: ImageRecord, run_dir: Path, hw) -> np.ndarray | None:
-    """A per-pixel score map at image size: the anomaly map if any, else max(score x mask)."""
+def pixel_score_map(rec: ImageRecord, run_dir: Path, hw) -> np.ndarray | None:
+    """A per-pixel score map at image size: the anomaly map if any, else max(score x mask): the one
+    definition every pixel AUROC of a predictions file uses (the comparison, the SAM cascade)."""
     if rec.anomaly_map:
         path = run_dir / rec.anomaly_map
         if not path.is_file():
@@ -138,7 +139,7 @@ def pixel_scores(covered: list[ImageRecord], by_image: dict[str, ImageRecord], d
         pm = _union(rec, hw, conf)
         if pm is not None:
             out.iou[g.image], out.dice[g.image] = iou_dice(pm, gm)
-        ps = _pixel_scores(rec, dirs.get(g.image, run_dir), hw)
+        ps = pixel_score_map(rec, dirs.get(g.image, run_dir), hw)
         if ps is not None:
             out.maps.append(ps)
             out.masks.append(gm)
