@@ -148,32 +148,16 @@ def _mask_instances(root: Path, e: ManifestEntry, img_path: Path, hw, class_to_i
 
 def _build_formats(res: ImageResult, inst, e: ManifestEntry, hw, ch: int, img_path: Path, source: np.ndarray,
                    cfg: ConvertConfig, label_map_dir) -> dict[str, dict]:
-    """Every requested format of one image, in memory (label maps written), with fidelity checks."""
+    """Every requested format of one image, in memory (label maps written).  The label files are
+    checked after they are written, from the files themselves (:func:`_verify_written`)."""
     fid: dict[str, dict] = {}
     verify = cfg.verify
 
     if "yolo" in cfg.formats:
         res.yolo = "\n".join(label_formats.yolo_box_lines(inst.boxes_xyxy, inst.class_ids, hw))
-        if verify:
-            boxes, cls = label_formats.parse_yolo_box_lines(res.yolo, hw)
-            ious = np.diag(box_iou(boxes, inst.boxes_xyxy)) if len(inst) else np.zeros(0)
-            fid["yolo"] = {"instance_iou": ious.tolist(), "classes_ok": bool((cls == inst.class_ids).all())}
     if "yolo_seg" in cfg.formats:
         polys = label_formats.instance_polygons(inst)
         res.yolo_seg = "\n".join(label_formats.yolo_seg_lines(polys, inst.class_ids, hw))
-        if verify:
-            parsed = label_formats.parse_yolo_seg_lines(res.yolo_seg, hw)
-            union = np.zeros(hw, bool)
-            ious = []
-            for (_, p), m, box in zip(parsed, inst.masks, inst.boxes_xyxy, strict=True):
-                # compare inside the window holding both the polygon and the instance's box
-                lo = np.minimum(np.floor(p.min(0)), box[:2]).astype(int)
-                hi = np.maximum(np.floor(p.max(0)) + 1, box[2:]).astype(int)
-                r = polygon_to_mask(p - lo, (hi[1] - lo[1], hi[0] - lo[0]))
-                ious.append(mask_iou(r, m[lo[1] : hi[1], lo[0] : hi[0]], empty=1.0))
-                union[lo[1] : hi[1], lo[0] : hi[0]] |= r
-            image_iou = mask_iou(union, source, empty=1.0) if e.mask else None
-            fid["yolo_seg"] = {"instance_iou": ious, "image_iou": image_iou}
     if "coco" in cfg.formats:
         res.coco, res.coco_kept_rle = label_formats.coco_annotations(
             inst, [c + 1 for c in inst.class_ids], polygons=cfg.coco_polygons, rles=res.rles
@@ -182,10 +166,6 @@ def _build_formats(res: ImageResult, inst, e: ManifestEntry, hw, ch: int, img_pa
         res.voc = label_formats.voc_xml(
             f"{res.name}{img_path.suffix}", hw, ch, inst.boxes_xyxy, res.labels, folder=e.category, path=res.image_abs
         )
-        if verify:
-            vb, vn = label_formats.parse_voc_xml(res.voc)
-            ok = len(vb) == len(inst) and np.allclose(vb, inst.boxes_xyxy) and vn == res.labels
-            fid["voc"] = {"exact": bool(ok)}
     if "label_maps" in cfg.formats:
         import cv2
 
@@ -321,6 +301,56 @@ def _write_yolo(tmp: Path, final: Path, used: list[ImageResult], classes: list[s
         (tmp / fmt / "data.yaml").write_text(_data_yaml(tmp / fmt, classes, folds, final / fmt, note))
 
 
+def _verify_written(tmp: Path, used: list[ImageResult], cfg: ConvertConfig) -> None:
+    """Fidelity of what is on disk: every YOLO, YOLO-seg and VOC label file is read back, parsed
+    and redrawn, and compared with the image's instances (decoded from their RLE).  A fault in the
+    writing (a shifted box, a lost vertex, labels under another image's name) shows here."""
+    names = {}
+    for r in used:
+        hw = r.image_hw
+        masks = [decode_rle(x) for x in r.rles]
+        boxes, cls_names = np.asarray(r.boxes, float).reshape(-1, 4), r.labels
+        if "yolo" in cfg.formats:
+            text = (tmp / "yolo" / "labels" / r.fold / f"{r.name}.txt").read_text()
+            pb, pc = label_formats.parse_yolo_box_lines(text, hw)
+            ok_n = len(pb) == len(boxes)
+            ious = np.diag(box_iou(pb, boxes)).tolist() if ok_n and len(boxes) else ([] if ok_n else [0.0])
+            names = names or _class_ids(tmp / "yolo" / "data.yaml")
+            r.fidelity["yolo"] = {"instance_iou": ious,
+                                  "classes_ok": ok_n and [names[int(c)] for c in pc] == list(cls_names)}
+        if "yolo_seg" in cfg.formats:
+            text = (tmp / "yolo_seg" / "labels" / r.fold / f"{r.name}.txt").read_text()
+            r.fidelity["yolo_seg"] = _seg_fidelity(label_formats.parse_yolo_seg_lines(text, hw), masks, boxes, hw)
+        if "voc" in cfg.formats:
+            vb, vn = label_formats.parse_voc_xml((tmp / "voc" / "Annotations" / f"{r.name}.xml").read_text())
+            ok = len(vb) == len(boxes) and np.allclose(vb, boxes) and vn == list(cls_names)
+            r.fidelity["voc"] = {"exact": bool(ok)}
+
+
+def _class_ids(data_yaml: Path) -> dict[int, str]:
+    import yaml
+
+    return {int(k): v for k, v in yaml.safe_load(data_yaml.read_text())["names"].items()}
+
+
+def _seg_fidelity(parsed, masks: list[np.ndarray], boxes: np.ndarray, hw) -> dict:
+    """Each polygon redrawn against its instance (inside the window holding both), and the union
+    of the polygons against the union of the instances."""
+    if len(parsed) != len(masks):
+        return {"instance_iou": [0.0], "image_iou": 0.0}
+    union = np.zeros(hw, bool)
+    ious = []
+    for (_, p), m, box in zip(parsed, masks, boxes, strict=True):
+        lo = np.maximum(np.minimum(np.floor(p.min(0)), box[:2]), 0).astype(int)
+        hi = np.maximum(np.floor(p.max(0)) + 1, box[2:]).astype(int)
+        r = polygon_to_mask(p - lo, (hi[1] - lo[1], hi[0] - lo[0]))
+        r = r[: hw[0] - lo[1], : hw[1] - lo[0]]
+        ious.append(mask_iou(r, m[lo[1] : hi[1], lo[0] : hi[0]], empty=1.0))
+        union[lo[1] : lo[1] + r.shape[0], lo[0] : lo[0] + r.shape[1]] |= r
+    truth = np.any(masks, 0) if masks else np.zeros(hw, bool)
+    return {"instance_iou": ious, "image_iou": mask_iou(union, truth, empty=1.0) if masks else None}
+
+
 def _write_coco(tmp: Path, used: list[ImageResult], classes: list[str], folds: list[str], cfg: ConvertConfig,
                 data_root: Path) -> dict[str, Path]:
     coco_files: dict[str, Path] = {}
@@ -426,6 +456,8 @@ def _write_outputs(
         (tmp / "label_maps").mkdir(exist_ok=True)
         (tmp / "label_maps" / "classes.txt").write_text("\n".join(["background", *classes]) + "\n")
     _write_ground_truth(tmp, results, classes, cfg, data_root, manifest)
+    if cfg.verify:
+        _verify_written(tmp, used, cfg)
     report = _fidelity(results, classes, cfg, coco_files, data_root)
     atomic_write_text(tmp / "fidelity.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(

@@ -229,3 +229,40 @@ def test_cocoeval_of_ground_truth_against_itself_is_perfect(small, tmp_path, pol
             ev.accumulate()
             ev.summarize()
             assert ev.stats[0] == pytest.approx(1.0), iou_type  # AP@[.5:.95]
+
+
+def test_fidelity_report_flags_faults_injected_into_the_written_files(small, tmp_path, monkeypatch):
+    """The report is computed from the files read back: a shifted YOLO box, a dropped polygon vertex
+    and a wrong COCO area, each injected after writing, are each flagged."""
+    from defectkit.converters import convert as C
+
+    root, manifest = small
+    real_yolo, real_coco = C._write_yolo, C._write_coco
+
+    def faulty_yolo(tmp, *a, **k):
+        real_yolo(tmp, *a, **k)
+        f = sorted((tmp / "yolo" / "labels").rglob("*crack*.txt"))[0]
+        cls, cx, cy, w, h = f.read_text().splitlines()[0].split()
+        lines = f.read_text().splitlines()
+        lines[0] = f"{cls} {float(cx) + 0.05:.6f} {cy} {w} {h}"  # shifted right by 5 % of the width
+        f.write_text("\n".join(lines) + "\n")
+        g = sorted((tmp / "yolo_seg" / "labels").rglob("*hole*.txt"))[0]
+        first, *rest = g.read_text().splitlines()
+        parts = first.split()
+        g.write_text("\n".join([" ".join(parts[:-2]), *rest]) + "\n")  # the polygon loses its last vertex
+
+    def faulty_coco(tmp, *a, **k):
+        files = real_coco(tmp, *a, **k)
+        path = next(iter(files.values()))
+        doc = json.loads(path.read_text())
+        doc["annotations"][0]["area"] += 7
+        path.write_text(json.dumps(doc))
+        return files
+
+    monkeypatch.setattr(C, "_write_yolo", faulty_yolo)
+    monkeypatch.setattr(C, "_write_coco", faulty_coco)
+    f = convert(root, manifest, tmp_path / "conv", progress=False)["formats"]
+    assert f["yolo"]["instance_iou"]["min"] < 0.9
+    assert f["yolo_seg"]["instance_iou"]["min"] < 1.0
+    assert f["coco"]["area_is_pixel_count"] is False
+    assert f["voc"]["exact"] and f["coco"]["instance_iou"]["min"] == 1.0  # untouched formats stay exact
