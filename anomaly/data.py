@@ -35,9 +35,9 @@ def prepare(rgb: np.ndarray, size: int, mode: str) -> np.ndarray:
 
 def load_inputs(paths: Sequence[str | Path], size: int, mode: str, progress: bool = False) -> np.ndarray:
     """``(N, C, size, size)`` float32 inputs."""
-    from tqdm.auto import tqdm
+    from defectkit.core.progress import progress as bar
 
-    return np.stack([prepare(read_image(p), size, mode) for p in tqdm(paths, desc="load images", disable=not progress,
+    return np.stack([prepare(read_image(p), size, mode) for p in bar(paths, desc="load images", disable=not progress,
                                                                        leave=False)])
 
 

@@ -292,10 +292,10 @@ def fit_reconstruction(cfg: RunConfig, run: Path, train_x: np.ndarray, val_x: np
                        device: str):
     """Train with checkpoints, resume and early stopping on validation AUROC; returns the best model."""
     import torch
-    from tqdm.auto import tqdm
 
     from defectkit.anomaly.models import build_model
     from defectkit.anomaly.scoring import Scorer
+    from defectkit.core.progress import progress
 
     m, t, s = cfg.model, cfg.train, cfg.score
     torch.manual_seed(t.seed)
@@ -313,7 +313,7 @@ def fit_reconstruction(cfg: RunConfig, run: Path, train_x: np.ndarray, val_x: np
         scorer = Scorer(model, s.map, s.ssim_lambda, None, s.sigma, s.topk, device)
     state = _resume(run, model, opt, sched, device) if t.resume else TrainState()
     dataset = _Augmented(train_x, t.augment)
-    bar = tqdm(range(state.epoch + 1, t.epochs), desc=f"{m.model} {cfg.data.category}", disable=t.quiet,
+    bar = progress(range(state.epoch + 1, t.epochs), desc=f"{m.model} {cfg.data.category}", disable=t.quiet,
                initial=state.epoch + 1, total=t.epochs)
     for epoch in bar:
         t0 = time.perf_counter()

@@ -251,7 +251,7 @@ def convert(
     whose size differs from its image; ``PermissionError`` / ``OSError`` naming the folder when
     ``out`` cannot be written.  Nothing is left half-written.
     """
-    from tqdm.auto import tqdm
+    from defectkit.core.progress import progress as bar
 
     data_root, out = Path(data_root), Path(out)
     cats = list(categories or manifest["categories"])
@@ -274,9 +274,9 @@ def convert(
         if cfg.workers > 1:
             with ProcessPoolExecutor(cfg.workers) as pool:
                 it = pool.map(_convert_one, jobs, chunksize=8)
-                results = list(tqdm(it, total=len(jobs), desc="convert", disable=not progress))
+                results = list(bar(it, total=len(jobs), desc="convert", disable=not progress))
         else:
-            results = [_convert_one(j) for j in tqdm(jobs, desc="convert", disable=not progress)]
+            results = [_convert_one(j) for j in bar(jobs, desc="convert", disable=not progress)]
         report = _write_outputs(tmp, out, results, classes, folds, cfg, data_root, manifest)
     log.info("conversion written to %s", out)
     return report

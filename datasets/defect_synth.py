@@ -334,10 +334,9 @@ def write_synthetic_root(data_root: Path, category: str, out: Path, n: int, seed
     Raises:
         DataError: the category has no good training image.
     """
-    from tqdm.auto import tqdm
-
     from defectkit.core.atomic import atomic_dir, atomic_write_json
     from defectkit.core.errors import DataError
+    from defectkit.core.progress import progress as bar
     from defectkit.datasets.image_files import read_image
     from defectkit.datasets.mvtec import index_category
 
@@ -361,7 +360,7 @@ def write_synthetic_root(data_root: Path, category: str, out: Path, n: int, seed
             dst = tmp / "train" / "good" / s.image_path.name
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.symlink_to(s.image_path.resolve())
-        for i in tqdm(range(n), desc=f"synthesize {category}", disable=not progress):
+        for i in bar(range(n), desc=f"synthesize {category}", disable=not progress):
             rng = _rng_for(seed, i)
             src = goods[int(rng.integers(len(goods)))]
             img, mask, kind = synth(load(src), rng)

@@ -379,13 +379,13 @@ def scan_category(
     Returns the per-sample scans and the warnings (all-zero masks, stray values), counted by the
     caller.  Raises :class:`DatasetLayoutError` for corrupt files.
     """
-    from tqdm.auto import tqdm
+    from defectkit.core.progress import progress as bar
 
     todo = [s for s in index.samples if deep or s.mask_path is not None]
     results: dict[Path, tuple[SampleScan | None, list[Problem]]] = {}
     with ThreadPoolExecutor(max(1, workers)) as pool:  # cv2/PIL decoding releases the GIL
         it = pool.map(lambda s: (s.image_path, _scan_one(s, deep)), todo)
-        for path, res in tqdm(it, total=len(todo), desc=f"scan {index.category}", disable=not progress, leave=False):
+        for path, res in bar(it, total=len(todo), desc=f"scan {index.category}", disable=not progress, leave=False):
             results[path] = res
     scans, problems = [], []
     for s in index.samples:

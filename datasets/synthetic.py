@@ -231,7 +231,7 @@ def generate(root: str | Path = DEFAULT_ROOT, *, seed: int = 0, categories: list
         FileExistsError: ``root`` exists but was not written by this generator with the same
             version, seed and categories (pass ``force=True`` to replace it).
     """
-    from tqdm.auto import tqdm
+    from defectkit.core.progress import progress as bar
 
     root = Path(root)
     categories = sorted(categories or CATEGORIES)
@@ -255,7 +255,7 @@ def generate(root: str | Path = DEFAULT_ROOT, *, seed: int = 0, categories: list
             + [("test", d, spec.n_per_defect) for d in spec.defects]
             for i in range(n)]
     with atomic_dir(root) as tmp:
-        for spec, split, d, i in tqdm(jobs, desc="generate synthetic dataset", disable=not progress):
+        for spec, split, d, i in bar(jobs, desc="generate synthetic dataset", disable=not progress):
             img, mask = make_sample(spec, d, seed, split, i)
             img_dir = tmp / spec.name / split / d
             img_dir.mkdir(parents=True, exist_ok=True)

@@ -299,7 +299,8 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
     With no val instance, selection falls back to the training loss, so ``best.pt`` always exists.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from defectkit.core.progress import progress
 
     for p in sam.image_encoder.parameters():
         p.requires_grad_(False)
@@ -315,7 +316,7 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
         ck = _load_trained(sam, last, key, device)
         opt.load_state_dict(ck["optimizer"])
         start, best, stale, history = ck["epoch"] + 1, ck["best_val_iou"], ck["stale"], ck["history"]
-    bar = tqdm(range(start, cfg.epochs), desc="SAM decoder", disable=cfg.quiet, initial=start, total=cfg.epochs)
+    bar = progress(range(start, cfg.epochs), desc="SAM decoder", disable=cfg.quiet, initial=start, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])  # per epoch: a resumed run replays the same draws

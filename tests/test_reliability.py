@@ -93,3 +93,16 @@ def test_sam_with_an_empty_val_fold_still_ends_with_a_best_checkpoint(synthetic_
     assert (tmp_path / "run" / "best.pt").is_file() and m["epochs_run"] == 2
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["val_iou"] for h in hist] == [None, None]
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal(capsys):
+    from defectkit.core.progress import LineProgress, progress
+
+    bar = progress(range(5), desc="train", every=0.0)  # pytest's stderr is not a terminal
+    assert isinstance(bar, LineProgress)
+    for _ in bar:
+        bar.set_postfix(loss="0.1")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("train: 5/5 it") and "loss=0.1" in lines[-1]
+    assert all("\r" not in x and len(x) < 200 for x in lines)
+    assert list(progress(range(3), disable=True)) == [0, 1, 2] and capsys.readouterr().err == ""
