@@ -113,60 +113,23 @@ def test_latent_scores_rank_outliers_high():
 
 # ---------------------------------------------------------------------------------------- the script
 
-TINY = [
-    "--imgsz",
-    "32",
-    "--depth",
-    "2",
-    "--base",
-    "8",
-    "--batch",
-    "8",
-    "--steps-per-epoch",
-    "4",
-    "--sigma",
-    "1",
-    "--device",
-    "cpu",
-    "-q",
-]
+TINY = ["--imgsz", "32", "--depth", "2", "--base", "8", "--batch", "8", "--steps-per-epoch", "4", "--sigma", "1",
+        "--device", "cpu", "-q"]
 
 
 def _run(synthetic_root, tmp_path, *extra):
     from defectkit.anomaly import train as T
 
     tmp_path.mkdir(parents=True, exist_ok=True)
-
-    args = T.get_args_parser().parse_args(
-        [
-            "--data",
-            str(synthetic_root),
-            "--manifest",
-            str(tmp_path / "manifest.json"),
-            "--out",
-            str(tmp_path / "run"),
-            *TINY,
-            *map(str, extra),
-        ]
-    )
+    args = T.get_args_parser().parse_args(["--data", str(synthetic_root), "--manifest", str(tmp_path / "manifest.json"),
+                                           "--out", str(tmp_path / "run"), *TINY, *map(str, extra)])
     return T.main(args), tmp_path / "run"
 
 
 @pytest.mark.parametrize("model", ["conv_ae", "unet_ae", "fc_ae", "vae"])
 def test_every_reconstruction_model_trains_and_scores(synthetic_root, tmp_path, model):
-    m, run = _run(
-        synthetic_root,
-        tmp_path,
-        "--model",
-        model,
-        "--category",
-        "washer",
-        "--epochs",
-        "3",
-        "--no-plots",
-        "--patience",
-        "99",
-    )
+    m, run = _run(synthetic_root, tmp_path, "--model", model, "--category", "washer", "--epochs", "3", "--no-plots",
+                  "--patience", "99")
     hist = json.loads((run / "history.json").read_text())
     assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]  # the loss falls
     assert 0 <= m["image"]["auroc"] <= 1 and 0 <= m["pixel"]["auroc"] <= 1 and 0 <= m["pixel"]["aupro"] <= 1
@@ -200,18 +163,8 @@ def test_fft_input_and_plots(synthetic_root, tmp_path):
 
 @pytest.mark.parametrize("model", ["ocsvm", "patchcore"])
 def test_feature_models_with_an_untrained_backbone(synthetic_root, tmp_path, model):
-    m, run = _run(
-        synthetic_root,
-        tmp_path,
-        "--model",
-        model,
-        "--category",
-        "washer",
-        "--random-init",
-        "--no-plots",
-        "--coreset",
-        "0.2",
-    )
+    m, run = _run(synthetic_root, tmp_path, "--model", model, "--category", "washer", "--random-init", "--no-plots",
+                  "--coreset", "0.2")
     assert 0 <= m["image"]["auroc"] <= 1
     assert ("pixel" in m) == (model == "patchcore")
     assert read_records(run / "predictions.jsonl")[0]["model"] == model
