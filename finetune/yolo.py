@@ -32,7 +32,9 @@ plus ``run_args.json``, ``classes.json`` (trained names, order, prompts, embeddi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import time
@@ -121,6 +123,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="Ultralytics-style run name (default <data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue <out>/weights/last.pt")
     p.add_argument("--conf", type=float, default=0.001, help="confidence floor of the test predictions")
+    p.add_argument("--synthetic-pretrain", type=int, default=0, metavar="N",
+                   help="first pretrain on N synthetic defect images painted on the data's good images "
+                        "(one class, 'defect'), then fine-tune on the real train fold from that checkpoint")
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the synthetic stage (default --epochs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch output from Ultralytics")
     return p
 
@@ -151,10 +157,11 @@ class YoloConfig:
     resume: bool = False
     conf: float = 0.001
     quiet: bool = False
+    recipe: str = ""  # e.g. "synthetic pretrain 400": shown beside the model name in comparisons
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> YoloConfig:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)})
 
 
 # the Ultralytics hyper-parameters --no-augment sets to 0
@@ -325,7 +332,7 @@ def train(cfg: YoloConfig, spec: dict, data_yaml: Path, run_dir: Path, source: s
         close_mosaic=cfg.close_mosaic,
         cache=cfg.cache,
         plots=True,
-        pretrained=not cfg.from_scratch,
+        pretrained=not cfg.from_scratch or str(source).endswith(".pt"),
         verbose=False,
     )
     if cfg.lr is not None:
@@ -484,7 +491,7 @@ def evaluate(
     preds, ips = predict_records(model, test, Path(header["data_root"]), names, cfg, spec["task"])
     pred_header = make_header(
         "predictions",
-        cfg.model,
+        cfg.model + (f" ({cfg.recipe})" if cfg.recipe else ""),
         names,
         header["data_root"],
         manifest=header.get("manifest"),
@@ -561,9 +568,17 @@ def main(args: argparse.Namespace) -> dict:
 
         train_dir = Path(yaml.safe_load(data_yaml.read_text())["path"]) / "images" / "train"
         info["text_embeddings"] = prepare_text_embeddings(cfg, names, prompts, train_dir)
+    if args.synthetic_pretrain > 0:
+        source, info["synthetic_pretrain"] = synthetic_stage(cfg, spec, conv, run_dir, args.synthetic_pretrain,
+                                                             args.pretrain_epochs or cfg.epochs)
+        info["start"] = source
+        cfg = dataclasses.replace(cfg, recipe=f"synthetic pretrain {args.synthetic_pretrain}")
     atomic_write_json(run_dir / "run_args.json", vars(args))
     atomic_write_json(run_dir / "classes.json", info)
-    metrics = train_and_evaluate(cfg, spec, data_yaml, run_dir, source, names)
+    metrics = train_and_evaluate(dataclasses.replace(cfg, resume=cfg.resume and (run_dir / "weights" / "last.pt")
+                                                     .is_file()), spec, data_yaml, run_dir, source, names)
+    if "synthetic_pretrain" in info:
+        metrics["synthetic_pretrain"] = info["synthetic_pretrain"]
     metrics.update(
         {
             "model": cfg.model,
@@ -579,12 +594,44 @@ def main(args: argparse.Namespace) -> dict:
             + (
                 "trained from scratch"
                 + (" with hash class embeddings" if spec["family"] == "world" else "")
+                + (f", first on {args.synthetic_pretrain} synthetic defect images" if args.synthetic_pretrain else "")
                 + ": not a pretrained model's result"
             )
         )
     atomic_write_json(run_dir / "metrics.json", metrics)
     _print_summary(metrics, run_dir)
     return metrics
+
+
+def synthetic_stage(cfg: YoloConfig, spec: dict, conv: Path, run_dir: Path, n: int, epochs: int) -> tuple[str, dict]:
+    """Pretrain on synthetic defects (``<run>/pretrain``); returns its best weights and what was used.
+
+    Resumable: a finished stage (``pretrain/done.json``) is reused; with ``--resume`` an interrupted
+    one continues from ``pretrain/weights/last.pt``."""
+    from defectkit.core.atomic import atomic_write_json
+    from defectkit.finetune.synthetic_pretrain import prepare
+
+    formats = ("yolo", "yolo_seg", "coco") if spec["task"] == "segment" else ("yolo", "coco")
+    data = prepare(conv, n, cfg.seed, formats, progress=not cfg.quiet)
+    pre_dir = run_dir / "pretrain"
+    done = pre_dir / "done.json"
+    info = {**data.info, "conversion": str(data.conversion), "epochs": epochs, "weights": str(pre_dir / "weights"
+                                                                                            / "best.pt")}
+    if done.is_file() and json.loads(done.read_text()) == info:
+        log.info("synthetic pretraining already done: %s", done)
+        return info["weights"], info
+    pre_yaml = _data_for(spec, data.conversion / "yolo" / "data.yaml")
+    if spec["family"] == "world":
+        import yaml
+
+        train_dir = Path(yaml.safe_load(pre_yaml.read_text())["path"]) / "images" / "train"
+        prepare_text_embeddings(cfg, ["defect"], ["defect"], train_dir)
+    resume = cfg.resume and (pre_dir / "weights" / "last.pt").is_file()
+    log.info("synthetic pretraining: %d images of %s, %d epochs -> %s", n, ", ".join(data.info["categories"]),
+             epochs, pre_dir)
+    train(dataclasses.replace(cfg, epochs=epochs, resume=resume), spec, pre_yaml, pre_dir, resolve_weights(cfg, spec))
+    atomic_write_json(done, info)
+    return info["weights"], info
 
 
 def train_and_evaluate(

@@ -153,3 +153,38 @@ def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml,
     assert m["from_scratch"] is False and m["text_embeddings"] == "file" and "from scratch" not in (m.get("note") or "")
     info = json.loads((tmp_path / "ft" / "classes.json").read_text())
     assert info["start"].endswith("best.pt") and info["pretrained"] is True
+
+
+@pytest.mark.slow
+def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(data_yaml, no_clip, tmp_path):
+    """--synthetic-pretrain: defects painted on the data's good images, one class, a pretraining run, then
+    the real fine-tuning starts from its best.pt; a rerun reuses the finished pretraining stage."""
+    env = {**no_clip, "DEFECTKIT_WORK": str(tmp_path / "work")}
+    args = ["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
+            "--synthetic-pretrain", "8", "--pretrain-epochs", "1", *COMMON, "--out", tmp_path / "run", "-q"]
+    r = _run(args, env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    pre = run / "pretrain"
+    assert (pre / "weights" / "best.pt").is_file() and (pre / "done.json").is_file()
+    info = json.loads((run / "classes.json").read_text())
+    assert info["start"] == str(pre / "weights" / "best.pt")
+    sp = info["synthetic_pretrain"]
+    assert sp["images"] == 8 and sp["seed"] == 0 and sp["categories"] == ["weave"]
+    synth = Path(sp["conversion"])
+    assert yaml_names(synth / "yolo" / "data.yaml") == ["defect"]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["synthetic_pretrain"]["images"] == 8 and "synthetic defect images" in m["note"]
+    header, _ = read_records(run / "predictions.jsonl")
+    assert header["model"] == "yolov8n-worldv2 (synthetic pretrain 8)"
+    done_before = (pre / "done.json").stat().st_mtime_ns
+    r = _run(args, env, tmp_path)  # rerun: the pretraining stage is reused, not trained again
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (pre / "done.json").stat().st_mtime_ns == done_before
+
+
+def yaml_names(path):
+    import yaml
+
+    names = yaml.safe_load(path.read_text())["names"]
+    return [names[k] for k in sorted(names)]
