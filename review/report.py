@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,27 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _value(v) -> float | None:
+    """A metric value, or None when the model has no such output (drawn as "n/a", never as 0)."""
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+
+
+def _labelled_barh(ax, names: list[str], vals: list[float | None]) -> None:
+    """Horizontal bars with their value printed; a missing value is a hatched grey "n/a" bar."""
+    y = np.arange(len(names))
+    for i, v in enumerate(vals):
+        if v is None:
+            ax.barh(y[i], 1.0, color="none", edgecolor="0.75", hatch="//", lw=0)
+            ax.text(0.5, y[i], "n/a", va="center", ha="center", fontsize=7, color="0.35")
+        else:
+            ax.barh(y[i], v, color=f"C{i}")
+            ax.text(min(v, 0.82) + 0.02, y[i], f"{v:.3f}", va="center", fontsize=7)
+    ax.set_yticks(y, [textwrap.fill(n, 24) for n in names], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.tick_params(labelsize=7)
+
+
 def _plots(results, gt, data_root: Path, conf: float) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -37,27 +59,30 @@ def _plots(results, gt, data_root: Path, conf: float) -> list[tuple[str, str]]:
         ("pixel AUROC", lambda r: r.get("pixel_auroc")),
         ("image AUROC", lambda r: r["image_auroc"]),
     ]
-    fig, ax = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2))
+    fig, ax = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 0.5 * len(names) + 1.6))
     for a, (label, get) in zip(ax, metrics, strict=True):
-        vals = [get(r) if get(r) is not None else 0 for r in results]
-        a.barh(names, vals, color=[f"C{i}" for i in range(len(names))])
-        a.set_xlim(0, 1)
+        _labelled_barh(a, names, [_value(get(r)) for r in results])
         a.set_title(label, fontsize=9)
-        a.tick_params(labelsize=7)
+    for a in ax[1:]:
+        a.set_yticklabels([])
     fig.tight_layout()
-    figs.append(("Metrics per model", _png(fig)))
+    figs.append(("Metrics per model (n/a: the model has no such output)", _png(fig)))
 
     types = sorted({t for r in results for t in r["per_type"]})
     if types:
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(types) * len(names) / 2), 3.2))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(types) * len(names) + 3), 3.4))
         w = 0.8 / max(1, len(names))
         for i, r in enumerate(results):
-            vals = [r["per_type"].get(t, {}).get("image_auroc") or 0 for t in types]
-            ax.bar(np.arange(len(types)) + i * w, vals, w, label=r["name"])
+            vals = [_value(r["per_type"].get(t, {}).get("image_auroc")) for t in types]
+            x = np.arange(len(types)) + i * w
+            ax.bar(x, [0 if v is None else v for v in vals], w, label=r["name"], color=f"C{i}")
+            for xi, v in zip(x, vals, strict=True):
+                ax.text(xi, (v or 0) + 0.01, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom",
+                        fontsize=6, rotation=90, color="0.4" if v is None else "black")
         ax.set_xticks(np.arange(len(types)) + w * (len(names) - 1) / 2, types, fontsize=8)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.25)
         ax.set_ylabel("image AUROC")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
         figs.append(("Image AUROC per defect type", _png(fig)))
 
@@ -70,7 +95,7 @@ def _plots(results, gt, data_root: Path, conf: float) -> list[tuple[str, str]]:
             ax.plot(f, t, color=f"C{i}", label=f"{r['name']} ({_fmt(r['image_auroc'])})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.5)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image-level ROC")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     figs.append(("Image-level ROC curves", _png(fig)))
     return figs

@@ -180,3 +180,17 @@ launch("dk-app", port={port})
             app.wait(30)
         except subprocess.TimeoutExpired:
             app.kill()
+
+
+def test_report_bars_print_values_and_draw_missing_ones_as_n_a():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from defectkit.review.report import _labelled_barh, _value
+
+    fig, ax = plt.subplots()
+    _labelled_barh(ax, ["a", "b", "c"], [_value(0.0), _value(None), _value(float("nan"))])
+    assert [t.get_text() for t in ax.texts] == ["0.000", "n/a", "n/a"]  # zero is a value, missing is not
+    plt.close(fig)
