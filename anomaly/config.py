@@ -16,6 +16,14 @@ def _from(cls, args: argparse.Namespace, **override):
     return cls(**{f.name: override.get(f.name, getattr(args, f.name)) for f in fields(cls)})
 
 
+class _FromArgs:
+    """``from_args``: the fields of the dataclass read from the parsed arguments of the same name."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        return _from(cls, args)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What network to build."""
@@ -36,7 +44,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_FromArgs):
     """How to train it (reconstruction models)."""
 
     loss: str = "mse_ssim"
@@ -52,9 +60,6 @@ class TrainConfig:
     resume: bool = False
     quiet: bool = False
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        return _from(cls, args)
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(_FromArgs):
     """Frozen-backbone models (OC-SVM, PatchCore)."""
 
     model: str = "patchcore"
@@ -90,13 +95,10 @@ class FeatureConfig:
     sigma: float = 4.0
     seed: int = 0
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> FeatureConfig:
-        return _from(cls, args)
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_FromArgs):
     """Which images, and how validation is assembled."""
 
     data: Path | None = None
@@ -107,9 +109,6 @@ class DataConfig:
     cutpaste_per_image: int = 2
     val_fold: bool = True
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> DataConfig:
-        return _from(cls, args)
 
 
 @dataclass(frozen=True)

@@ -308,7 +308,6 @@ def _verify_written(tmp: Path, used: list[ImageResult], cfg: ConvertConfig) -> N
     names = {}
     for r in used:
         hw = r.image_hw
-        masks = [decode_rle(x) for x in r.rles]
         boxes, cls_names = np.asarray(r.boxes, float).reshape(-1, 4), r.labels
         if "yolo" in cfg.formats:
             text = (tmp / "yolo" / "labels" / r.fold / f"{r.name}.txt").read_text()
@@ -320,6 +319,7 @@ def _verify_written(tmp: Path, used: list[ImageResult], cfg: ConvertConfig) -> N
                                   "classes_ok": ok_n and [names[int(c)] for c in pc] == list(cls_names)}
         if "yolo_seg" in cfg.formats:
             text = (tmp / "yolo_seg" / "labels" / r.fold / f"{r.name}.txt").read_text()
+            masks = [decode_rle(x) for x in r.rles]  # decoded only for the polygon check that needs them
             r.fidelity["yolo_seg"] = _seg_fidelity(label_formats.parse_yolo_seg_lines(text, hw), masks, boxes, hw)
         if "voc" in cfg.formats:
             vb, vn = label_formats.parse_voc_xml((tmp / "voc" / "Annotations" / f"{r.name}.xml").read_text())

@@ -52,19 +52,18 @@ class RankCurves:
     fp: np.ndarray
     n_pos: int
     n_neg: int
+    order: np.ndarray  # the descending sort of the scores
+    last: np.ndarray  # position (in sorted order) of the end of each tie block
 
 
-def rank_curves(scores, labels, order: np.ndarray | None = None) -> RankCurves:
+def rank_curves(scores, labels) -> RankCurves:
     """Exact TP/FP counts at every distinct threshold, from one stable descending sort."""
     s, y = _check(scores, labels)
-    if order is None:
-        order = np.argsort(-s, kind="stable")
+    order = np.argsort(-s, kind="stable")
     s_sorted = s[order]
-    y_sorted = y[order]
-    tp = np.cumsum(y_sorted, dtype=np.int64)
-    fp = np.arange(1, s.size + 1, dtype=np.int64) - tp
     last = np.r_[np.flatnonzero(np.diff(s_sorted)), s.size - 1] if s.size else np.zeros(0, int)
-    return RankCurves(s_sorted[last], tp[last], fp[last], int(y.sum()), int((~y).sum()))
+    tp = np.cumsum(y[order], dtype=np.int64)[last]
+    return RankCurves(s_sorted[last], tp, (last + 1) - tp, int(y.sum()), int(y.size - y.sum()), order, last)
 
 
 def _auroc(c: RankCurves) -> float:
@@ -127,12 +126,11 @@ def _region_weights(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
     return (np.concatenate(out) if out else np.zeros(0)), n_regions
 
 
-def _aupro(order: np.ndarray, s_sorted_last: np.ndarray, last: np.ndarray, weights: np.ndarray, n_regions: int,
-           fp_last: np.ndarray, n_neg: int, max_fpr: float) -> float:
-    if n_regions == 0 or n_neg == 0:
+def _aupro(c: RankCurves, weights: np.ndarray, n_regions: int, max_fpr: float) -> float:
+    if n_regions == 0 or c.n_neg == 0:
         return float("nan")
-    pro = np.cumsum(weights[order])[last] / n_regions
-    fpr, pro = np.r_[0.0, fp_last / n_neg], np.r_[0.0, pro]
+    pro = np.cumsum(weights[c.order])[c.last] / n_regions
+    fpr, pro = np.r_[0.0, c.fp / c.n_neg], np.r_[0.0, pro]
     k = int(np.searchsorted(fpr, max_fpr, side="right"))
     x, y = fpr[:k], pro[:k]
     if k < fpr.size and x[-1] < max_fpr:  # interpolate the curve at max_fpr
@@ -174,18 +172,10 @@ def pixel_metrics(maps, masks, max_fpr: float = 0.3) -> dict:
     """
     s, masks = _flatten_pairs(maps, masks)
     y = np.concatenate([m.reshape(-1) for m in masks]) if masks else np.zeros(0, bool)
-    if not np.isfinite(s).all():
-        raise DataError("maps contain NaN or inf")
-    order = np.argsort(-s, kind="stable")
-    s_sorted = s[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), s.size - 1] if s.size else np.zeros(0, int)
-    tp = np.cumsum(y[order], dtype=np.int64)[last]
-    fp = (last + 1) - tp
-    curves = RankCurves(s_sorted[last], tp, fp, int(y.sum()), int(y.size - y.sum()))
+    curves = rank_curves(s, y)
     weights, n_regions = _region_weights(masks)
     f1, thr = _f1max(curves)
-    return {"auroc": _auroc(curves), "aupro": _aupro(order, s_sorted[last], last, weights, n_regions, fp,
-                                                     curves.n_neg, max_fpr),
+    return {"auroc": _auroc(curves), "aupro": _aupro(curves, weights, n_regions, max_fpr),
             "ap": _ap(curves), "f1_max": f1, "f1_threshold": thr, "max_fpr": max_fpr,
             "pixels": int(s.size), "regions": n_regions,
             "resolution": "ground truth (each map resized to its mask's size, bilinear)"}
