@@ -97,21 +97,26 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -c "import defectkit, torch, torchvision, cv2, ultralytics, segment_anything, pycocotools, albumentations; print('defectkit', defectkit.__version__, '| torch', torch.__version__)"
 	touch $(STAMP)
 
+# Each stage prints one start line and one end line (elapsed time, headline figure); in a log, progress
+# bars become periodic single lines (review/stage.py).  Nothing is filtered: a failing stage fails the demo.
+STAGE = $(PY) -m defectkit.review.stage
 demo: setup
-	@echo "== 1/7 data: index, validate, statistics, split manifest"
-	$(PY) -m defectkit.datasets demo $(DATA_ARGS) -q
-	@echo "== 2/7 convert masks to labels"
-	$(MAKE) --no-print-directory $(CONVERTED)
-	@echo "== 3/7 anomaly model ($(MODEL)), trained on good images only"
-	$(MAKE) --no-print-directory $(ANOMALY_RUN)/.done
-	@echo "== 4/7 YOLO ($(YOLO_MODEL)) on the converted labels"
-	$(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json
-	@echo "== 5/7 SAM ($(SAM_MODEL)) mask decoder, and the YOLO->SAM cascade"
-	$(MAKE) --no-print-directory $(SAM_RUN)/metrics.json
-	@echo "== 6/7 comparison on the test fold"
-	$(MAKE) --no-print-directory compare
-	@echo "== 7/7 FiftyOne dataset"
-	$(PY) -m defectkit.review.fiftyone_dataset --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME)
+	@$(STAGE) --step 1/7 --name "data: index, validate, statistics, split" --headline manifest:$(MANIFEST) -- \
+		$(PY) -m defectkit.datasets demo $(DATA_ARGS) -q
+	@$(STAGE) --step 2/7 --name "convert masks to labels" --headline fidelity:$(CONVERTED) -- \
+		$(MAKE) --no-print-directory $(CONVERTED)
+	@$(STAGE) --step 3/7 --name "anomaly model ($(MODEL)), good images only" --headline anomaly:$(ANOMALY_RUN) -- \
+		$(MAKE) --no-print-directory $(ANOMALY_RUN)/.done
+	@$(STAGE) --step 4/7 --name "YOLO ($(YOLO_MODEL)) on the converted labels" --headline yolo:$(YOLO_RUN)/metrics.json -- \
+		$(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json
+	@$(STAGE) --step 5/7 --name "SAM ($(SAM_MODEL)) mask decoder and the YOLO->SAM cascade" \
+		--headline sam:$(SAM_RUN)/metrics.json -- $(MAKE) --no-print-directory $(SAM_RUN)/metrics.json
+	@$(STAGE) --step 6/7 --name "comparison on the test fold" --headline compare:$(COMPARE_DIR)/comparison.json -- \
+		$(PY) -m defectkit.review.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR) -q
+	@$(STAGE) --step 7/7 --name "FiftyOne dataset" -- \
+		$(PY) -m defectkit.review.fiftyone_dataset --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME)
+	@echo
+	@cat $(COMPARE_DIR)/comparison.md
 	@echo
 	@echo "demo done. Report: $(COMPARE_DIR)/report.html   Table: $(COMPARE_DIR)/comparison.md"
 	@echo "Browse it in FiftyOne: make app   (http://127.0.0.1:$(APP_PORT)/datasets/$(APP_NAME))"

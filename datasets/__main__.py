@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"split manifest (seed {args.seed}): {path}")
         result["manifest"] = str(path)
     if args.command == "demo":
-        print(f"\ndemo done: statistics and split manifest in {out}")
+        print(f"data stage done: statistics and split manifest in {out}")
     return result
 
 

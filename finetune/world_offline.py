@@ -41,6 +41,17 @@ def _set_classes_from_cache(trainer) -> None:
 class OfflineWorldTrainer(WorldTrainer):
     """``WorldTrainer`` with class embeddings read from disk, never from CLIP."""
 
+    def generate_text_embeddings(self, texts: list[str], batch: int, cache_dir: Path) -> dict[str, torch.Tensor]:
+        """The cache we wrote (any provider: its file name is the one Ultralytics looks for), loaded with
+        ``weights_only=True`` and without Ultralytics' "Reading existed cache ... clip" line, which
+        misnamed hash embeddings as CLIP's; anything else falls back to Ultralytics (CLIP)."""
+        cache = Path(cache_dir) / CACHE_NAME
+        if cache.is_file():
+            txt_map = torch.load(cache, map_location=self.device, weights_only=True)
+            if sorted(txt_map) == sorted(texts):
+                return txt_map
+        return super().generate_text_embeddings(texts, batch, cache_dir)
+
     def get_model(self, cfg=None, weights=None, verbose=True):
         model = super().get_model(cfg, weights, verbose)
         hooks = self.callbacks["on_pretrain_routine_end"]

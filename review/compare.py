@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.converters.canonical import ImageRecord, read_records
-from defectkit.converters.instances import decode_rle
+from defectkit.converters.instances import box_iou, decode_rle
 from defectkit.core.atomic import atomic_write_json, atomic_write_text
 from defectkit.core.cli import run_cli
 from defectkit.core.errors import DataError, MissingFileError
@@ -173,12 +173,44 @@ def score_run(run: tuple, gt: list[ImageRecord], classes: list[str], conf: float
         pm = pixel_metrics(px.maps, px.masks)
         out["pixel_auroc"], out["pixel_aupro"], out["pixel_ap"] = pm["auroc"], pm["aupro"], pm["ap"]
     out["per_image_iou"] = {k: v for k, v in px.iou.items() if not np.isnan(v)}
+    out["per_image_quality"] = {g.image: out["per_image_iou"].get(g.image, box_recall_iou(g, by_image[g.image],
+                                                                                        run_conf))
+                                for g in covered if len(g)}
     out["image_scores"] = {r.image: r.image_score for r in preds}
     m = path.parent / "metrics.json"
     run_metrics = json.loads(m.read_text()) if m.is_file() else {}
     out["images_per_s"] = run_metrics.get("images_per_s")
     out["note"] = header.get("note") or run_metrics.get("note")
+    if header.get("prompts") == ORACLE_PROMPTS:
+        _hide_leaked(out)
     return out
+
+
+ORACLE_PROMPTS = "ground-truth boxes"
+
+
+def _hide_leaked(out: dict) -> None:
+    """A model prompted with the ground truth's boxes knows which images are defective and where: its
+    image AUROC and box AP measure the prompts, not the model.  They become n/a; its mask quality stays."""
+    nan = float("nan")
+    out["image_auroc"] = nan
+    for t in out["per_type"].values():
+        t["image_auroc"] = nan
+    for k in ("det_class_aware", "det_class_agnostic"):
+        if k in out:
+            out[k] = {**out[k], "map50": nan, "map50_95": nan}
+    out["image_scores"] = {}
+    leak = "prompted with ground-truth boxes: image AUROC and box mAP would measure the prompts (shown as -)"
+    out["note"] = f"{out['note']}; {leak}" if out.get("note") else leak
+
+
+def box_recall_iou(g: ImageRecord, rec: ImageRecord, conf: float) -> float:
+    """How well a box-only prediction covers an image's defects: the mean over ground-truth boxes of the
+    best IoU with a predicted box scored at least ``conf`` (0 when it predicts none)."""
+    keep = np.ones(len(rec), bool) if rec.scores is None else rec.scores >= conf
+    if not len(g) or not keep.any():
+        return 0.0
+    return float(box_iou(g.boxes_xyxy, rec.boxes_xyxy[keep]).max(1).mean())
 
 
 def _detection_metrics(covered, preds, classes, header) -> dict:
@@ -289,13 +321,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders or predictions files")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--conf", type=float, default=0.25)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="write the table, do not print it")
     return p
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     results = compare(args.gt, args.runs, args.out, args.conf)
-    print(table(results))
+    if not args.quiet:
+        print(table(results))
     print(f"\nreport: {args.out / 'report.html'}\ntable: {args.out / 'comparison.md'}")
     return results
 

@@ -20,6 +20,7 @@ The database lives in ``work/fiftyone/db`` (``FIFTYONE_DATABASE_DIR``), the App 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from pathlib import Path
@@ -209,9 +210,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace):
+    for name in ("fiftyone", "eta"):  # they print through their own handlers; ours would print each line twice
+        logging.getLogger(name).propagate = False
     ds = build_dataset(args.name, args.gt, args.runs, None if args.fold == "all" else args.fold)
-    print(f"FiftyOne dataset {args.name!r}: {len(ds)} samples, fields {sorted(ds.get_field_schema())}")
-    print(f"saved views: {ds.list_saved_views()}")
+    print(f"FiftyOne dataset {args.name!r}: {len(ds)} samples, {len(ds.get_field_schema())} fields")
+    for view in ds.list_saved_views():
+        print(f"  saved view: {view}")
     if args.launch:
         launch(args.name, args.port)
     return ds

@@ -86,58 +86,118 @@ def _plots(results, gt, data_root: Path, conf: float) -> list[tuple[str, str]]:
         fig.tight_layout()
         figs.append(("Image AUROC per defect type", _png(fig)))
 
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
     y = np.array([g.defect_type != "good" for g in gt])
+    curves = []  # [(fpr, tpr, [labels], first index)], curves that coincide drawn once, labelled together
     for i, r in enumerate(results):
-        s = np.array([r["image_scores"].get(g.image) or 0.0 for g in gt])
         if y.any() and (~y).any() and not np.isnan(r["image_auroc"]):
-            f, t, _ = roc_curve(y, s)
-            ax.plot(f, t, color=f"C{i}", label=f"{r['name']} ({_fmt(r['image_auroc'])})")
+            s = np.array([r["image_scores"].get(g.image) or 0.0 for g in gt])
+            f, t, _ = roc_curve(y, s, drop_intermediate=True)
+            label = f"{r['name']} ({_fmt(r['image_auroc'])})"
+            same = next((c for c in curves if len(c[0]) == len(f) and np.allclose(c[0], f) and np.allclose(c[1], t)),
+                        None)
+            if same is None:
+                curves.append((f, t, [label], i))
+            else:
+                same[2].append(label)
+    for f, t, labels, i in curves:
+        text = labels[0] if len(labels) == 1 else " = ".join(labels) + " (same curve)"
+        ax.plot(f, t, color=f"C{i}", label=textwrap.fill(text, 48))
     ax.plot([0, 1], [0, 1], "k:", lw=0.5)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image-level ROC")
-    ax.legend(fontsize=7, loc="lower right")
+    if curves:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    figs.append(("Image-level ROC curves", _png(fig)))
+    figs.append(("Image-level ROC curves (models that only see ground-truth prompts have none)", _png(fig)))
     return figs
 
 
-def _examples(results, groups, gt, data_root: Path, conf: float, n: int = 6) -> list[tuple[str, str]]:
-    """Ground truth and every model's output side by side; worst mean pixel IoU first."""
+def score_scale(header: dict, conf: float) -> str:
+    """What a model's scores mean, by family: the one explanation the report gives per model."""
+    if header.get("kind_of_model") == "anomaly":
+        thr = header.get("pixel_threshold")
+        at = f" ({thr:.4g})" if isinstance(thr, float) else ""
+        return ("raw anomaly-map values (not probabilities; higher = more anomalous). Its masks are the map "
+                f"thresholded at the pixel threshold it chose on the val fold{at}; the score cut-off is not applied. "
+                "Pixel and image AUROC rank these values and need no threshold.")
+    if header.get("prompts"):
+        return (f"mask confidence in [0, 1] from the mask logits; prompted with {header['prompts']}, so only its mask "
+                f"quality is meaningful. Masks counted at score >= {conf}.")
+    if header.get("yolo_run"):
+        return f"the YOLO box's confidence in [0, 1], carried by SAM's mask. Masks counted at score >= {conf}."
+    return f"detector confidence in [0, 1]. Boxes counted at score >= {conf}; image score = its highest box score."
+
+
+def _choose_examples(r: dict, gt, k: int = 2) -> list[tuple[str, object]]:
+    """A model's ``k`` worst and ``k`` best defect images (by its per-image IoU, or box coverage for box-only
+    models) and the good image it scores highest (its likeliest false alarm)."""
+    q = r["per_image_quality"]
+    by = {g.image: g for g in gt}
+    ranked = sorted(q, key=lambda im: (q[im], im))
+    worst = ranked[:k]
+    best = [im for im in ranked[::-1][:k] if im not in worst]
+    def what(im: str) -> str:
+        return "mask IoU" if im in r["per_image_iou"] else "box IoU"
+
+    picks = [(f"worst: {what(im)} {_fmt(q[im])}", by[im]) for im in worst]
+    picks += [(f"best: {what(im)} {_fmt(q[im])}", by[im]) for im in best]
+    goods = [g for g in gt if g.defect_type == "good" and r["image_scores"].get(g.image) is not None]
+    if goods:
+        g = max(goods, key=lambda g: r["image_scores"][g.image])
+        picks.append((f"good image, its top score {r['image_scores'][g.image]:.3g}", g))
+    return picks
+
+
+def _examples(results, groups, gt, data_root: Path, conf: float) -> list[tuple[str, str, str]]:
+    """Per model: its worst and best test images with its actual output drawn (heatmap with a colour
+    bar, masks, boxes) over the ground truth's outline.  Returns ``[(model, caption, png)]``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from defectkit.datasets.image_files import read_image
+    from defectkit.review.compare import pixel_score_map
 
-    defect = [g for g in gt if g.defect_type != "good"]
-    worst = sorted(defect, key=lambda g: np.mean([r["per_image_iou"].get(g.image, 0.0) for r in results]))[:n]
-    preds = [{p.image: p for p in g[2]} for g in groups]
     out = []
-    for g in worst:
-        img = read_image(data_root / g.image)
-        hw = img.shape[:2]
-        fig, ax = plt.subplots(1, len(results) + 1, figsize=(2.6 * (len(results) + 1), 2.8))
-        gm = g.decode_masks().any(0) if g.masks else np.zeros(hw, bool)
-        panels = [("ground truth", gm, g.boxes_xyxy, None)]
-        for r, p in zip(results, preds, strict=True):
-            rec = p.get(g.image)
-            rconf = -np.inf if r.get("conf") is None else conf
-            um = _union(rec, hw, rconf) if rec is not None else None
-            keep = (rec.scores >= rconf) if rec is not None and rec.scores is not None else None
-            boxes = rec.boxes_xyxy[keep] if rec is not None and keep is not None else np.zeros((0, 4))
-            panels.append((f"{r['name']}\nIoU {_fmt(r['per_image_iou'].get(g.image))}", um, boxes, rec))
-        for a, (title, mask, boxes, _) in zip(ax, panels, strict=True):
-            a.imshow(img)
-            if mask is not None and mask.any():
-                a.imshow(np.ma.masked_where(~mask, mask), alpha=0.5, cmap="autumn")
-            for x0, y0, x1, y1 in boxes:
-                a.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1))
-            a.set_title(title, fontsize=7)
+    for r, (_, header, records, dirs) in zip(results, groups, strict=True):
+        preds = {p.image: p for p in records}
+        picks = [(t, g) for t, g in _choose_examples(r, gt) if g.image in preds]
+        if not picks:
+            continue
+        rconf = -np.inf if r.get("conf") is None else conf
+        fig, axes = plt.subplots(1, len(picks), figsize=(2.9 * len(picks) + 0.8, 3.2), squeeze=False)
+        images = [read_image(data_root / g.image) for _, g in picks]
+        maps = [pixel_score_map(preds[g.image], dirs.get(g.image, Path(".")), im.shape[:2])
+                if preds[g.image].anomaly_map else None for (_, g), im in zip(picks, images, strict=True)]
+        shown = [m for m in maps if m is not None]
+        lo, hi = (min(map(np.min, shown)), max(map(np.max, shown))) if shown else (None, None)  # one colour scale
+        heat = None
+        for a, (title, g), img, amap in zip(axes[0], picks, images, maps, strict=True):
+            hw = img.shape[:2]
+            rec = preds[g.image]
+            a.imshow(img, cmap="gray" if img.ndim == 2 else None)
+            if amap is not None:
+                heat = a.imshow(amap, cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
+            um = _union(rec, hw, rconf)
+            if um is not None and um.any():
+                a.contour(um, levels=[0.5], colors="red", linewidths=1.0)
+            keep = np.ones(len(rec), bool) if rec.scores is None else rec.scores >= rconf
+            for (x0, y0, x1, y1), sc in zip(rec.boxes_xyxy[keep], (rec.scores[keep] if rec.scores is not None
+                                                                    else [None] * keep.sum()), strict=True):
+                a.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
+                if sc is not None and not rec.anomaly_map:
+                    a.text(x0, y0, f"{sc:.2f}", color="yellow", fontsize=6, va="bottom")
+            if g.masks:
+                a.contour(g.decode_masks().any(0), levels=[0.5], colors="lime", linewidths=0.8, linestyles="dashed")
+            a.set_title(f"{g.category or ''} {g.defect_type}\n{title}", fontsize=7)
             a.axis("off")
-        fig.suptitle(f"{g.image} ({g.defect_type})", fontsize=8)
-        fig.tight_layout()
-        out.append((g.image, _png(fig)))
+        if heat is not None:
+            cb = fig.colorbar(heat, ax=list(axes[0]), shrink=0.8, pad=0.01)
+            cb.set_label("anomaly-map value", fontsize=7)
+            cb.ax.tick_params(labelsize=6)
+        fig.suptitle(f"{r['name']}: green dashed = ground truth, red = its masks, yellow = its boxes", fontsize=8)
+        out.append((r["name"], score_scale(header, conf), _png(fig)))
     return out
 
 
@@ -149,14 +209,19 @@ def write_report(out: Path, results, groups, gt, data_root: Path, conf: float) -
         "<style>body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px} img{max-width:100%}</style></head><body>",
         f"<h1>Model comparison on the test fold ({len(gt)} images)</h1>",
-        f"<p>Ground truth: {html.escape(str(data_root))}; masks and boxes counted at score &ge; {conf}.</p>",
+        f"<p>Ground truth: {html.escape(str(data_root))}. Each model's score scale is explained with its examples "
+        "below; detectors' and SAM's boxes and masks are counted at score &ge; "
+        f"{conf}, anomaly models' masks at the threshold they chose on the val fold.</p>",
         _md_table_html(md),
     ]
     for title, b64 in _plots(results, gt, data_root, conf):
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>")
-    parts.append("<h2>Examples, worst cases first</h2>")
-    for name, b64 in _examples(results, groups, gt, data_root, conf):
-        parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'></figure>")
+    parts.append("<h2>Examples per model: its worst and best defect images, and its highest-scored good image</h2>")
+    for name, scale, b64 in _examples(results, groups, gt, data_root, conf):
+        parts.append(f"<section class='examples' data-model='{html.escape(name)}'><h3>{html.escape(name)}</h3>"
+                     f"<p>Scores: {html.escape(scale)}</p>"
+                     f"<figure><img alt='examples of {html.escape(name)}' src='data:image/png;base64,{b64}'></figure>"
+                     "</section>")
     parts.append("</body></html>")
     path = out / "report.html"
     atomic_write_text(path, "\n".join(parts))

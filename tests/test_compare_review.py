@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -55,6 +56,10 @@ def setup(synthetic_root, tmp_path_factory):
                                     image_score=float(small.max())))
         write_records(run / "predictions.jsonl", make_header("predictions", "ae", ["anomaly"], header["data_root"],
                                                              kind_of_model="anomaly"), recs)
+    (base / "oracle").mkdir()  # SAM-like: prompted with the ground truth's boxes
+    write_records(base / "oracle" / "predictions.jsonl",
+                  make_header("predictions", "oracle", header["classes"], header["data_root"],
+                              prompts="ground-truth boxes"), perfect)
     blind = [ImageRecord(image=g.image, height=g.height, width=g.width, boxes_xyxy=np.zeros((0, 4)), labels=[],
                          scores=np.zeros(0), image_score=0.0) for g in test]
     (base / "blind").mkdir()
@@ -138,11 +143,25 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--window-size=1400,900", "--virtual-time-budget=20000"]
 
 
-@pytest.mark.slow
-def test_app_serves_the_samples_to_a_headless_browser(setup, tmp_path):
+def _chromium() -> str:
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    return chromium
+
+
+def _look(url: str, tmp_path: Path) -> tuple[str, Path]:
+    """The page's DOM after load and a screenshot of it, from headless Chromium."""
+    chromium, shot = _chromium(), tmp_path / "page.png"
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chrome'}"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    return dom, shot
+
+
+@pytest.mark.slow
+def test_app_serves_the_samples_to_a_headless_browser(setup, tmp_path):
+    _chromium()
     base, conv = setup
     port = _free_port()
     code = f"""
@@ -163,10 +182,7 @@ launch("dk-app", port={port})
                 time.sleep(1)
                 assert app.poll() is None, app.stdout.read()[-3000:]
         time.sleep(2)
-        shot = tmp_path / "app.png"
-        flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chrome'}"]
-        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-        subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        dom, shot = _look(url, tmp_path)
         tiles = dom.count('data-cy="looker"')
         assert "dk-app" in dom and tiles > 0, "no sample tile on the App page"
         img = cv2.imread(str(shot))
@@ -194,3 +210,48 @@ def test_report_bars_print_values_and_draw_missing_ones_as_n_a():
     _labelled_barh(ax, ["a", "b", "c"], [_value(0.0), _value(None), _value(float("nan"))])
     assert [t.get_text() for t in ax.texts] == ["0.000", "n/a", "n/a"]  # zero is a value, missing is not
     plt.close(fig)
+
+
+def test_runs_prompted_with_ground_truth_boxes_report_no_image_auroc_or_box_map(setup):
+    base, conv = setup
+    (r,) = compare(conv / "ground_truth.jsonl", [base / "oracle"], base / "out-oracle")
+    assert np.isnan(r["image_auroc"]) and np.isnan(r["det_class_agnostic"]["map50"])  # they measure the prompts
+    assert all(np.isnan(t["image_auroc"]) for t in r["per_type"].values())
+    assert r["pixel_iou"] == pytest.approx(1.0)  # its mask quality is still scored
+    assert "prompted with ground-truth boxes" in r["note"]
+    assert "| oracle | " in (base / "out-oracle" / "comparison.md").read_text()
+
+
+def test_examples_are_each_models_worst_and_best_and_its_top_scored_good_image():
+    from defectkit.review.report import _choose_examples
+
+    gt = [ImageRecord(image=f"{t}{k}.png", height=4, width=4, defect_type=t,
+                      boxes_xyxy=np.zeros((0 if t == "good" else 1, 4)), labels=[] if t == "good" else ["d"])
+          for t in ("good", "crack") for k in range(4)]
+    r = {"per_image_quality": {"crack0.png": 0.5, "crack1.png": 0.0, "crack2.png": 0.9, "crack3.png": 0.7},
+         "per_image_iou": {"crack0.png": 0.5, "crack1.png": 0.0, "crack2.png": 0.9},
+         "image_scores": {"good0.png": 0.1, "good1.png": 0.8, "good2.png": 0.3}}
+    picks = [(title, g.image) for title, g in _choose_examples(r, gt)]
+    assert picks == [("worst: mask IoU 0.000", "crack1.png"), ("worst: mask IoU 0.500", "crack0.png"),
+                     ("best: mask IoU 0.900", "crack2.png"), ("best: box IoU 0.700", "crack3.png"),
+                     ("good image, its top score 0.8", "good1.png")]
+    two = {"per_image_quality": {"crack0.png": 0.2}, "per_image_iou": {}, "image_scores": {}}
+    assert [g.image for _, g in _choose_examples(two, gt)] == ["crack0.png"]  # never the same image twice
+
+
+@pytest.mark.slow
+def test_report_shows_every_models_output_in_a_headless_browser(setup, tmp_path):
+    _chromium()
+    base, conv = setup
+    results = compare(conv / "ground_truth.jsonl", [base / "perfect", base / "anomaly-washer",
+                                                   base / "anomaly-weave", base / "blind"], tmp_path / "out")
+    dom, shot = _look((tmp_path / "out" / "report.html").as_uri(), tmp_path)
+    for r in results:  # every model has its own examples, drawn with its output
+        sec = re.search(rf'<section class="examples" data-model="{re.escape(r["name"])}">(.*?)</section>', dom, re.S)
+        assert sec, f"no examples for {r['name']}"
+        (b64,) = re.findall(r'src="data:image/png;base64,([^"]+)"', sec.group(1))
+        img = cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None and img.shape[1] > 500 and img.std() > 10
+    assert "perfect" in dom and "raw anomaly-map values" in dom  # each family's score scale explained
+    img = cv2.imread(str(shot))
+    assert img is not None and img.std() > 10

@@ -13,16 +13,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "ANOMALY_ARGS": "--imgsz 32 --depth 2 --base 8 --epochs 1 --steps-per-epoch 2 --batch 4 -q",
-    "YOLO_ARGS": "--from-scratch --text-embeddings hash --epochs 1 --imgsz 64 --batch 8 --workers 0 -q",
+    "YOLO_ARGS": "--from-scratch --text-embeddings hash --epochs 1 --imgsz 64 --batch 8 --workers 0",  # its bars too
     "SAM_ARGS": "--epochs 1 --imgsz 64 -q",
 }
 
 
+STAGES = ["data", "convert", "anomaly model", "YOLO", "SAM", "comparison", "FiftyOne"]
+
+
 def _make(work: Path, *extra: str, **overrides: str) -> subprocess.CompletedProcess:
+    """``make demo`` with its output captured to a file, as a log would be (not a terminal)."""
     variables = [f"{k}={v}" for k, v in {**TINY, **overrides}.items()]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DEFECTKIT_WORK"))}
-    return subprocess.run(["make", "--no-print-directory", "demo", f"WORK={work}", *variables, *extra], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=1500)
+    log = work.parent / f"demo-{len(list(work.parent.glob('demo-*.log')))}.log"
+    with open(log, "w") as f:
+        r = subprocess.run(["make", "--no-print-directory", "demo", f"WORK={work}", *variables, *extra], cwd=REPO,
+                           env=env, stdout=f, stderr=subprocess.STDOUT, timeout=1500)
+    return subprocess.CompletedProcess(r.args, r.returncode, log.read_text(), "")
 
 
 @pytest.mark.slow
@@ -30,15 +37,24 @@ def _make(work: Path, *extra: str, **overrides: str) -> subprocess.CompletedProc
 def test_make_demo_runs_every_stage_and_a_failing_stage_fails_it(tmp_path):
     work = tmp_path / "work"
     r = _make(work)
-    out = r.stdout + r.stderr
+    out = r.stdout
     assert r.returncode == 0, out[-6000:]
-    for i in range(1, 8):
-        assert f"== {i}/7" in out, f"stage {i} did not run"
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 500, max(lines, key=len)[:600]  # no carriage-return bar piled into one line
+    for i, name in enumerate(STAGES, start=1):
+        mine = [(k, line) for k, line in enumerate(lines) if line.startswith(f"== [{i}/7] {name}")]
+        starts = [k for k, line in mine if line.endswith(": started")]
+        ends = [k for k, line in mine if ": done in " in line]
+        assert len(starts) == 1 and len(ends) == 1 and starts[0] < ends[0], f"stage {i} ({name}) lines missing"
+        assert i == 7 or " - " in lines[ends[0]], f"stage {i} end line has no headline figure"
+    assert "demo done" not in "\n".join(lines[: lines.index(next(x for x in lines if x.startswith("== [7/7]")))])
+    assert "Reading existed cache" not in out  # hash embeddings are not announced as CLIP's
     table = (work / "compare" / "defectkit_synth-all" / "comparison.md").read_text()
     assert table.count("\n| ") >= 4  # header + yolo, anomaly, sam, cascade rows
     assert (work / "compare" / "defectkit_synth-all" / "report.html").stat().st_size > 50_000
     # a failing stage (here YOLO, given a flag it does not know) fails the demo, its error shown
     bad = _make(work, YOLO_MODEL="yolov8n", YOLO_ARGS="--from-scratch --epochs 1 --no-such-flag")
     assert bad.returncode != 0
-    assert "unrecognized arguments: --no-such-flag" in bad.stderr
-    assert "== 5/7" not in bad.stdout  # nothing after the failed stage ran
+    assert "unrecognized arguments: --no-such-flag" in bad.stdout  # the stage's own error, not swallowed
+    assert "== [4/7] YOLO (yolov8n) on the converted labels: FAILED after" in bad.stdout
+    assert "== [5/7]" not in bad.stdout  # nothing after the failed stage ran
