@@ -62,7 +62,7 @@ APP_NAME := defectkit-$(DATA_NAME)-$(CATEGORY)
 RUNS ?= $(YOLO_RUN) $(ANOMALY_RUN) $(SAM_RUN)
 
 .PHONY: help setup demo test test-fast lint generate validate stats split synth-defects convert bench-convert finetune-yolo \
-	anomaly bench-anomaly finetune-sam bench-sam compare app clean
+	anomaly bench-anomaly finetune-sam bench-sam compare app clean predict export bench-predict
 
 help:
 	@echo "make setup      create .venv with every pinned dependency (other targets do it for you)"
@@ -83,6 +83,9 @@ help:
 	@echo "make bench-sam  a SAM decoder epoch with and without the embedding cache"
 	@echo "make compare    score RUNS=\"run folders\" on the test fold: table, JSON, HTML report"
 	@echo "make app        build the FiftyOne dataset of RUNS and open the App on 127.0.0.1:APP_PORT"
+	@echo "make predict    OK/NG, maps, overlays and a CSV for new images: RUN=<run folder> IMAGES=<folder or glob>"
+	@echo "make export     ONNX export of RUN, checked against PyTorch on real images (FORMAT=onnx)"
+	@echo "make bench-predict  images/s of RUN through PyTorch and onnxruntime, same images, same run"
 
 setup: $(STAMP)
 
@@ -138,6 +141,22 @@ $(YOLO_RUN)/metrics.json: $(CONVERTED)
 $(SAM_RUN)/metrics.json: $(CONVERTED) $(YOLO_RUN)/metrics.json
 	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) \
 		--yolo-predictions $(YOLO_RUN)/predictions.jsonl --out $(SAM_RUN)
+
+# Use a trained run: RUN=<run folder> (an anomaly category folder or a YOLO run), IMAGES=<folder or glob>
+RUN ?= $(ANOMALY_RUN)/$(firstword $(subst all,,$(CATEGORY)) washer)
+IMAGES ?=
+PREDICT_OUT ?= $(WORK)/predict/$(notdir $(abspath $(RUN)))
+PREDICT_ARGS ?=
+FORMAT ?= onnx
+predict: setup
+	@test -n "$(IMAGES)" || { echo "make predict RUN=<run folder> IMAGES=<folder or glob> [PREDICT_ARGS='--threshold T --backend onnx']"; exit 2; }
+	$(PY) -m defectkit.deploy predict --run $(RUN) --images '$(IMAGES)' --out $(PREDICT_OUT) $(PREDICT_ARGS)
+
+export: setup
+	$(PY) -m defectkit.deploy export --run $(RUN) --format $(FORMAT) $(if $(IMAGES),--images '$(IMAGES)')
+
+bench-predict: setup
+	$(PY) -m defectkit.deploy.bench_predict --run $(RUN) $(if $(IMAGES),--images '$(IMAGES)')
 
 N ?= 200
 synth-defects: setup

@@ -9,7 +9,7 @@ from pathlib import Path
 RECON_MODELS = ("conv_ae", "unet_ae", "fc_ae", "vae", "draem")
 FEATURE_MODELS = ("ocsvm", "patchcore")
 LOSSES = ("mse", "ssim", "mse_ssim")
-THRESHOLDS = ("f1", "otsu", "percentile")
+THRESHOLDS = ("f1", "otsu", "percentile", "false_alarm", "recall")
 
 
 def _from(cls, args: argparse.Namespace, **override):
@@ -73,13 +73,20 @@ class ScoreConfig:
     topk: float | str = 1.0
     threshold: str = "f1"
     false_alarm_rate: float = 0.01
+    target_recall: float = 0.95
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ScoreConfig:
         scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
         topk_arg = args.topk if args.topk is not None else ("max" if args.model == "draem" else "1")
         topk = "max" if str(topk_arg) == "max" else float(topk_arg)
-        return _from(cls, args, map=args.map or args.loss, scales=scales, topk=topk)
+        threshold, rate, recall = args.threshold, args.false_alarm_rate, getattr(args, "target_recall", None)
+        if getattr(args, "max_false_alarm", None) is not None:
+            threshold, rate = "false_alarm", args.max_false_alarm
+        elif threshold == "recall" and recall is None:
+            recall = 0.95
+        return _from(cls, args, map=args.map or args.loss, scales=scales, topk=topk, threshold=threshold,
+                     false_alarm_rate=rate, target_recall=recall if recall is not None else 0.95)
 
 
 @dataclass(frozen=True)

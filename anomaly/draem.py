@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectkit.anomaly.models import UNetAE, _down, _up, _widths
+from defectkit.anomaly.scoring import AnomalyHead, Scorer
 
 
 class SegUNet(nn.Module):
@@ -131,26 +132,11 @@ def mean_filter_size(imgsz: int) -> int:
     return k if k % 2 else k + 1
 
 
-class DraemScorer:
-    """Maps (softmax defect channel, mean-filtered) and image scores (max, or top-k % mean)."""
+class DraemScorer(Scorer):
+    """Maps (softmax defect channel, mean-filtered) and image scores (max, or top-k % mean), through the
+    same :class:`~defectkit.anomaly.scoring.AnomalyHead` that predict and the ONNX export run."""
 
     def __init__(self, model: Draem, imgsz: int, topk: float | str = "max", device: str = "cpu", batch: int = 16):
-        self.model, self.topk, self.device, self.batch = model, topk, device, batch
-        self.kernel = mean_filter_size(imgsz)
-        self.scales = [None]
-
-    @torch.no_grad()
-    def maps(self, inputs: np.ndarray) -> np.ndarray:
-        self.model.eval()
-        out = []
-        for i in range(0, len(inputs), self.batch):
-            x = torch.from_numpy(inputs[i : i + self.batch]).to(self.device)
-            m = self.model.anomaly_map(x)[:, None]
-            m = F.avg_pool2d(m, self.kernel, 1, self.kernel // 2, count_include_pad=False)[:, 0]
-            out.append(m.cpu().numpy())
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 1, 1), np.float32)
-
-    def image_scores(self, maps: np.ndarray) -> np.ndarray:
-        from defectkit.anomaly.scoring import image_scores
-
-        return image_scores(maps, self.topk)
+        head = AnomalyHead(model, "draem", topk=topk, kernel=mean_filter_size(imgsz))
+        super().__init__(model, topk=topk, device=device, batch=batch, head=head)
+        self.kernel = head.kernel

@@ -77,8 +77,62 @@ def window_maps(model, x: torch.Tensor, patch: int, kind: str, ssim_lambda: floa
     return out / count
 
 
+class AnomalyHead(torch.nn.Module):
+    """The one inference forward of an anomaly run: ``(N, C, S, S)`` inputs in [0, 1] -> ``maps (N, S, S)``,
+    ``scores (N,)``.  The trainer's scorers, ``predict`` and the ONNX export all run this module, so an
+    exported model cannot disagree with the trainer (anomalib #2747: two implementations of one step).
+
+    ``family="draem"``: the segmentation network's softmax defect channel, mean-filtered (DRAEM's 21x21 at
+    256 px, scaled).  ``family="reconstruction"``: the reconstruction error map (``map_kind``) per window
+    scale, Gaussian-smoothed, each scale standardised with ``stats`` (from good images) and averaged.
+    Image score: the maximum (``topk="max"``) or the mean of the top ``topk`` % pixels.
+    """
+
+    def __init__(self, model: torch.nn.Module, family: str = "reconstruction", *, topk: float | str = 1.0,
+                 map_kind: str = "mse", ssim_lambda: float = 0.84, scales: Sequence[int] | None = None,
+                 sigma: float = 4.0, kernel: int = 3):
+        super().__init__()
+        if family not in ("reconstruction", "draem"):
+            raise ConfigError(f"unknown anomaly head family {family!r}")
+        self.model, self.family, self.topk = model, family, topk
+        self.map_kind, self.ssim_lambda, self.sigma, self.kernel = map_kind, ssim_lambda, sigma, kernel
+        self.scales = list(scales) if scales else [None]
+        self.register_buffer("stats", torch.zeros(0, 2))  # (scales, [mean, std]) once calibrated
+
+    @property
+    def calibrated(self) -> bool:
+        return len(self.stats) == len(self.scales)
+
+    def scale_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-scale smoothed maps before standardisation (reconstruction family)."""
+        return [gaussian_smooth(window_maps(self.model, x, p or x.shape[-1], self.map_kind, self.ssim_lambda),
+                                self.sigma) for p in self.scales]
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        if self.family == "draem":
+            m = self.model.anomaly_map(x)[:, None]
+            return F.avg_pool2d(m, self.kernel, 1, self.kernel // 2, count_include_pad=False)[:, 0]
+        ms = self.scale_maps(x)
+        if len(ms) > 1 and not self.calibrated:
+            raise RuntimeError("call calibrate() with good validation images before multi-scale scoring")
+        if self.calibrated:
+            ms = [(m - self.stats[k, 0]) / self.stats[k, 1] for k, m in enumerate(ms)]
+        return torch.stack(ms).mean(0)
+
+    def scores(self, maps: torch.Tensor) -> torch.Tensor:
+        flat = maps.flatten(1)
+        if self.topk == "max":
+            return flat.max(1).values
+        k = max(1, int(round(flat.shape[1] * float(self.topk) / 100.0)))
+        return torch.topk(flat, k, dim=1).values.mean(1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.maps(x)
+        return maps, self.scores(maps)
+
+
 class Scorer:
-    """Turns a trained reconstruction model into maps and image scores.
+    """Turns a trained model into maps and image scores, in batches, through its :class:`AnomalyHead`.
 
     ``scales``: window sizes in model-input pixels (``None`` or the input size: whole image).
     Call :meth:`calibrate` with good validation images before scoring when several scales are
@@ -86,49 +140,46 @@ class Scorer:
     """
 
     def __init__(self, model, kind: str = "mse", ssim_lambda: float = 0.84, scales: Sequence[int] | None = None,
-                 sigma: float = 4.0, topk: float = 1.0, device: str = "cpu", batch: int = 16):
-        self.model, self.kind, self.ssim_lambda = model, kind, ssim_lambda
-        self.scales = list(scales) if scales else [None]
-        self.sigma, self.topk, self.device, self.batch = sigma, topk, device, batch
-        self.stats: list[tuple[float, float]] | None = None
-
-    def _scale_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.model.eval()
-        out = []
-        for p in self.scales:
-            m = window_maps(self.model, x, p or x.shape[-1], self.kind, self.ssim_lambda)
-            out.append(gaussian_smooth(m, self.sigma))
-        return out
+                 sigma: float = 4.0, topk: float = 1.0, device: str = "cpu", batch: int = 16, *,
+                 head: AnomalyHead | None = None):
+        self.head = head or AnomalyHead(model, "reconstruction", topk=topk, map_kind=kind, ssim_lambda=ssim_lambda,
+                                        scales=scales, sigma=sigma)
+        self.model, self.device, self.batch = model, device, batch
+        self.scales, self.topk = self.head.scales, topk
 
     @torch.no_grad()
     def calibrate(self, good: np.ndarray) -> None:
+        self.head.eval()
         per_scale = [[] for _ in self.scales]
         for i in range(0, len(good), self.batch):
             x = torch.from_numpy(good[i : i + self.batch]).to(self.device)
-            for k, m in enumerate(self._scale_maps(x)):
+            for k, m in enumerate(self.head.scale_maps(x)):
                 per_scale[k].append(m.cpu().numpy())
-        self.stats = [(float(np.concatenate(v).mean()), float(np.concatenate(v).std() + 1e-8)) for v in per_scale]
+        stats = [(float(np.concatenate(v).mean()), float(np.concatenate(v).std() + 1e-8)) for v in per_scale]
+        self.head.stats = torch.tensor(stats, dtype=torch.float32, device=self.device)
+
+    @property
+    def stats(self) -> list[tuple[float, float]] | None:
+        return [tuple(r) for r in self.head.stats.tolist()] if self.head.calibrated else None
 
     @torch.no_grad()
     def maps(self, inputs: np.ndarray) -> np.ndarray:
         """``(N, H, W)`` float32 anomaly maps at the model input resolution."""
-        if len(self.scales) > 1 and self.stats is None:
-            raise RuntimeError("call calibrate() with good validation images before multi-scale scoring")
-        out = []
-        for i in range(0, len(inputs), self.batch):
-            x = torch.from_numpy(inputs[i : i + self.batch]).to(self.device)
-            ms = self._scale_maps(x)
-            if self.stats is not None:
-                ms = [(m - mu) / sd for m, (mu, sd) in zip(ms, self.stats, strict=True)]
-            out.append(torch.stack(ms).mean(0).cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+        self.head.eval()
+        out = [self.head.maps(torch.from_numpy(inputs[i : i + self.batch]).to(self.device)).cpu().numpy()
+               for i in range(0, len(inputs), self.batch)]
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 1, 1), np.float32)
 
+    @torch.no_grad()
     def image_scores(self, maps: np.ndarray) -> np.ndarray:
-        return image_scores(maps, self.topk)
+        if not len(maps):
+            return np.zeros(0)
+        return self.head.scores(torch.from_numpy(np.ascontiguousarray(maps, np.float32))).double().numpy()
 
 
 def image_scores(maps: np.ndarray, topk: float | str = 1.0) -> np.ndarray:
-    """Mean of the top ``topk`` % pixels of each map (``"max"``: the maximum)."""
+    """Mean of the top ``topk`` % pixels of each map (``"max"``: the maximum), in float64 (for scorers
+    without an :class:`AnomalyHead`: the feature models)."""
     flat = np.asarray(maps, np.float64).reshape(len(maps), -1)
     if topk == "max":
         return flat.max(1)

@@ -101,7 +101,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="image score: mean of the top-k %% pixels, or 'max' (default 1; draem: max, as DRAEM)")
     p.add_argument("--threshold", choices=THRESHOLDS, default="f1",
                    help="image and pixel thresholds, chosen on the val fold")
-    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="for --threshold percentile")
+    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="for --threshold percentile / false_alarm")
+    p.add_argument("--max-false-alarm", type=float, default=None, metavar="RATE",
+                   help="operating point: the image threshold flags at most RATE of good val images "
+                        "(= --threshold false_alarm --false-alarm-rate RATE); says when the val fold is too small")
+    p.add_argument("--target-recall", type=float, default=None, metavar="R",
+                   help="operating point for --threshold recall: flag R of the val fold's defects")
     p.add_argument("--backbone", choices=("resnet18", "resnet50", "wide_resnet50_2"), default="resnet18")
     p.add_argument("--backbone-weights", type=Path, default=None, help="local torchvision checkpoint (.pth)")
     p.add_argument("--random-init", action="store_true", help="feature models: untrained backbone (tests only)")
@@ -427,21 +432,28 @@ def choose_thresholds(cfg: RunConfig, scorer, data: CategoryData, pixel_level: b
     vy = data.val_y
     if len(vy) and vy.any():
         maps = scorer.maps(data.val_x)
-        image, rule = choose_threshold(s.threshold, scorer.image_scores(maps), vy, s.false_alarm_rate)
+        image, rule = choose_threshold(s.threshold, scorer.image_scores(maps), vy, s.false_alarm_rate,
+                                       s.target_recall)
         pixel = None
         if pixel_level:
             masks = _masks(data.root, data.val_e)
             flat = np.concatenate([resize_map(a, m.shape).ravel() for a, m in zip(maps, masks, strict=True)])
-            pixel = choose_threshold(s.threshold, flat, np.concatenate([m.ravel() for m in masks]),
+            pixel = choose_threshold(_pixel_method(s.threshold), flat, np.concatenate([m.ravel() for m in masks]),
                                      s.false_alarm_rate)[0]
         return Thresholds(image, pixel, rule, "val fold")
     x = np.concatenate([data.hold_x, data.cp_x])
     y = np.r_[np.zeros(len(data.hold_x)), np.ones(len(data.cp_x))]
     maps = scorer.maps(x)
-    image, rule = choose_threshold(s.threshold, scorer.image_scores(maps), y, s.false_alarm_rate)
+    image, rule = choose_threshold(s.threshold, scorer.image_scores(maps), y, s.false_alarm_rate, s.target_recall)
     masks = np.concatenate([np.zeros((len(data.hold_x), *maps.shape[1:]), bool), data.cp_masks])
-    pixel = choose_threshold(s.threshold, maps.ravel(), masks.ravel(), s.false_alarm_rate)[0] if pixel_level else None
+    pixel = (choose_threshold(_pixel_method(s.threshold), maps.ravel(), masks.ravel(), s.false_alarm_rate)[0]
+             if pixel_level else None)
     return Thresholds(image, pixel, rule, "CutPaste on held-out good images (the val fold has no defect image)")
+
+
+def _pixel_method(image_method: str) -> str:
+    """The pixel threshold (region masks) stays F1-optimal when the image threshold is an operating point."""
+    return "f1" if image_method in ("false_alarm", "recall") else image_method
 
 
 def _masks(root: Path, es) -> list[np.ndarray]:
@@ -465,10 +477,7 @@ def score_test_fold(cfg: RunConfig, scorer, model, data: CategoryData, test_maps
         out["pixel"] = M.pixel_metrics([M.resize_map(a, m.shape) for a, m in zip(test_maps, masks, strict=True)],
                                        masks)
         out["pixel"]["map_resolution"] = cfg.model.imgsz
-    pred = scores >= thr.image
-    out["image"]["at_threshold"] = {"threshold": thr.image, "precision": float((pred & y).sum() / max(pred.sum(), 1)),
-                                    "recall": float((pred & y).sum() / max(y.sum(), 1)),
-                                    "false_alarm_rate": float((pred & ~y).sum() / max((~y).sum(), 1))}
+    out["image"]["at_threshold"] = {**M.confusion_at(scores, y, thr.image), "rule": thr.rule}
     if model is not None:  # encoder-latent scoring on the same model
         tr_lat, te_lat = latents(model, data.fit_x, device), latents(model, data.test_x, device)
         out["latent_knn_auroc"] = M.auroc(knn_scores(tr_lat, te_lat), y)
@@ -519,6 +528,10 @@ def run_category(cfg: RunConfig) -> dict:
                       cfg.model.imgsz)
     if cfg.plots:
         _plots(run, cfg, model, data, test_maps, masks, scores, device, pixel_level)
+    if hasattr(scorer, "head"):  # the map head predict and export run (feature models have none)
+        from defectkit.anomaly.deploy import write_spec
+
+        write_spec(run, cfg, scorer.head, thr)
     atomic_write_json(run / "metrics.json", metrics)
     _print(metrics, run)
     return metrics
@@ -565,8 +578,8 @@ def write_scores(run: Path, test_e, scores, y) -> None:
 def write_predictions(run: Path, data: CategoryData, maps: np.ndarray, scores: np.ndarray, hws, thr: Thresholds,
                       model_name: str, map_resolution: int) -> None:
     """Canonical predictions: maps saved once (float16), thresholded maps as masks and boxes."""
+    from defectkit.anomaly.deploy import map_regions
     from defectkit.converters.canonical import ImageRecord, make_header, write_records
-    from defectkit.converters.instances import encode_rle, mask_to_instances
     from defectkit.review.metrics import resize_map
 
     (run / "maps").mkdir(exist_ok=True)
@@ -576,13 +589,7 @@ def write_predictions(run: Path, data: CategoryData, maps: np.ndarray, scores: n
         buf = io.BytesIO()
         np.save(buf, m.astype(np.float16))
         atomic_write_bytes(run / "maps" / name, buf.getvalue())
-        boxes, labels, box_scores, rles = np.zeros((0, 4)), [], [], []
-        if thr.pixel is not None:
-            full = resize_map(m, hw)
-            inst = mask_to_instances(full >= thr.pixel)
-            boxes, labels = inst.boxes_xyxy, ["anomaly"] * len(inst)
-            box_scores = [float(full[k].max()) for k in inst.masks]
-            rles = [encode_rle(k, b) for k, b in zip(inst.masks, inst.boxes_xyxy, strict=True)]
+        boxes, labels, box_scores, rles = map_regions(resize_map(m, hw), thr.pixel)
         records.append(ImageRecord(image=e.image, height=hw[0], width=hw[1], boxes_xyxy=boxes, labels=labels,
                                    scores=box_scores, masks=rles, anomaly_map=f"maps/{name}", image_score=float(s),
                                    key=e.key, category=e.category, defect_type=e.defect_type, fold=e.fold))
@@ -600,6 +607,11 @@ def _print(m: dict, run: Path) -> None:
           + (f", pixel AUROC {px['auroc']:.3f}, AUPRO@30% {px['aupro']:.3f}" if px else "")
           + (f", latent kNN AUROC {m['latent_knn_auroc']:.3f}" if "latent_knn_auroc" in m else "")
           + f"; trained in {m['train_seconds']:.0f}s, {m['images_per_s']:.1f} images/s")
+    op = m["image"].get("at_threshold")
+    if op:
+        print(f"at the threshold chosen on validation ({op['rule']}): {op['fp']} of {op['fp'] + op['tn']} good test "
+              f"images rejected (false-alarm rate {op['false_alarm_rate']:.3f}), {op['fn']} of {op['fn'] + op['tp']} "
+              f"defective ones passed (miss rate {op['miss_rate']:.3f})")
     print(f"run folder: {run}")
 
 

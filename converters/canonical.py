@@ -13,7 +13,8 @@ One JSON Lines file per run.  The first line is a header, every other line one i
      "scores": [0.93, ...] | null,              # null for ground truth
      "masks": [{"size": [h, w], "counts": "..."}, ...] | null,   # COCO RLE, one per box
      "anomaly_map": "maps/bottle__crack__000.npy" | null,        # relative to the file
-     "image_score": 0.87 | null}
+     "image_score": 0.87 | null,
+     "decision": "OK" | "NG", "uncertain": false}           # only in the output of predict
 
 Detectors write boxes, labels and scores; SAM adds masks; anomaly models write an anomaly map,
 an image score and (thresholded) boxes and masks.  The comparison and FiftyOne read only this.
@@ -58,6 +59,8 @@ class ImageRecord:
     category: str | None = None
     defect_type: str | None = None
     fold: str | None = None
+    decision: str | None = None  # predict on new images: "OK" | "NG" (written only when set)
+    uncertain: bool | None = None  # predict: score within the review band around the threshold
 
     def __post_init__(self) -> None:
         self.boxes_xyxy = np.asarray(self.boxes_xyxy, dtype=np.float64).reshape(-1, 4)
@@ -90,7 +93,25 @@ class ImageRecord:
             "masks": self.masks,
             "anomaly_map": self.anomaly_map,
             "image_score": None if self.image_score is None else float(self.image_score),
-        }
+        } | ({"decision": self.decision, "uncertain": bool(self.uncertain)} if self.decision is not None else {})
+
+
+@dataclass
+class Prediction:
+    """One image's result of ``predict`` on new images, at the image's original size (written as an
+    :class:`ImageRecord` with ``decision``; the anomaly map, if any, as a ``.npy`` beside it)."""
+
+    image: str  # relative to the images root
+    height: int
+    width: int
+    score: float
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    labels: list[str] = field(default_factory=list)
+    box_scores: list[float] = field(default_factory=list)
+    masks: list[dict] | None = None
+    amap: np.ndarray | None = None  # anomaly map at (height, width)
+    decision: str = ""
+    uncertain: bool = False
 
 
 def make_header(kind: str, model: str, classes: Sequence[str], data_root: str | Path,

@@ -446,6 +446,7 @@ def evaluate(
 ) -> dict:
     """Test-fold metrics: Ultralytics' validator, pycocotools on canonical predictions, image AUROC."""
     from defectkit.converters.canonical import make_header, read_records, write_records
+    from defectkit.finetune.yolo_deploy import image_threshold, write_spec
     from defectkit.review.detection import coco_evaluate, image_auroc
 
     metrics: dict = {}
@@ -507,6 +508,10 @@ def evaluate(
     metrics["image_auroc"] = image_auroc(test, preds)
     metrics["test_images"] = len(test)
     metrics["images_per_s"] = ips
+    val = [r for r in gt if r.fold == "val"]
+    val_preds = predict_records(model, val, Path(header["data_root"]), names, cfg, spec["task"])[0] if val else []
+    metrics["thresholds"] = image_threshold(val, val_preds)
+    write_spec(run_dir, cfg, spec, names, metrics["thresholds"])  # what predict on new images uses
     return metrics
 
 

@@ -38,7 +38,7 @@ from defectkit.core.atomic import atomic_write_json, atomic_write_text
 from defectkit.core.cli import run_cli
 from defectkit.core.errors import DataError, MissingFileError
 from defectkit.review.detection import coco_evaluate, image_auroc
-from defectkit.review.metrics import iou_dice, mean_defined, pixel_metrics, resize_map
+from defectkit.review.metrics import confusion_at, iou_dice, mean_defined, pixel_metrics, resize_map
 
 log = logging.getLogger("defectkit.compare")
 PRED_FILES = ("predictions.jsonl", "cascade_predictions.jsonl")
@@ -115,7 +115,21 @@ def load_runs(runs: list[Path]) -> dict[str, tuple[list[Path], dict, list[ImageR
         paths.append(p)
         preds += recs
         dirs.update({r.image: p.parent for r in recs})
+        thr = run_threshold(p, h)
+        header.setdefault("_image_thresholds", {}).update({r.image: thr for r in recs if thr is not None})
     return out
+
+
+def run_threshold(path: Path, header: dict) -> float | None:
+    """The image threshold a run chose on its val fold: in its predictions header (anomaly runs, one per
+    category file) or its ``deploy.json`` (YOLO runs); None when it has none (SAM, the cascade)."""
+    if header.get("image_threshold") is not None:
+        return float(header["image_threshold"])
+    spec = path.parent / "deploy.json"
+    if spec.is_file() and not path.name.startswith("cascade"):
+        t = json.loads(spec.read_text()).get("thresholds", {}).get("image")
+        return None if t is None else float(t)
+    return None
 
 
 @dataclass
@@ -177,6 +191,13 @@ def score_run(run: tuple, gt: list[ImageRecord], classes: list[str], conf: float
                                                                                         run_conf))
                                 for g in covered if len(g)}
     out["image_scores"] = {r.image: r.image_score for r in preds}
+    thr = header.get("_image_thresholds", {})
+    if covered and all(g.image in thr for g in covered):
+        y = np.array([len(g) > 0 for g in covered])
+        s = np.array([by_image[g.image].image_score or 0.0 for g in covered])
+        t = np.array([thr[g.image] for g in covered])
+        # per-image thresholds (one per category file): NG = score >= its own run's threshold
+        out["operating_point"] = confusion_at(s - t, y, 0.0) | {"threshold": "the run's, chosen on its val fold"}
     m = path.parent / "metrics.json"
     run_metrics = json.loads(m.read_text()) if m.is_file() else {}
     out["images_per_s"] = run_metrics.get("images_per_s")
@@ -200,6 +221,7 @@ def _hide_leaked(out: dict) -> None:
         if k in out:
             out[k] = {**out[k], "map50": nan, "map50_95": nan}
     out["image_scores"] = {}
+    out.pop("operating_point", None)
     leak = "prompted with ground-truth boxes: image AUROC and box mAP would measure the prompts (shown as -)"
     out["note"] = f"{out['note']}; {leak}" if out.get("note") else leak
 
@@ -232,6 +254,14 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _rate(op: dict | None, bad: str, other: str) -> str:
+    """``0.125 (2/16)``: a rate at the run's own threshold, with the counts it rests on."""
+    if not op:
+        return "-"
+    n = op[bad] + op[other]
+    return f"{op[bad] / max(n, 1):.3f} ({op[bad]}/{n})"
+
+
 def table(results: list[dict]) -> str:
     head = [
         "model",
@@ -244,6 +274,8 @@ def table(results: list[dict]) -> str:
         "pixel Dice",
         "pixel AUROC",
         "image AUROC",
+        "false alarms",
+        "misses",
         "images/s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -260,6 +292,8 @@ def table(results: list[dict]) -> str:
             r.get("pixel_dice"),
             r.get("pixel_auroc"),
             r["image_auroc"],
+            _rate(r.get("operating_point"), "fp", "tn"),
+            _rate(r.get("operating_point"), "fn", "tp"),
             r.get("images_per_s"),
         ]
         lines.append("| " + " | ".join(_fmt(v) if not isinstance(v, str) else v for v in row) + " |")
@@ -279,7 +313,9 @@ def table(results: list[dict]) -> str:
                 for t in types
             ]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    notes = [f"- {r['name']}: {r['note']}" for r in results if r.get("note")]
+    notes = ["- false alarms / misses: good test images rejected / defective ones passed, at the image threshold "
+             "each run chose on its val fold (- : the run has none)"]
+    notes += [f"- {r['name']}: {r['note']}" for r in results if r.get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines)

@@ -226,24 +226,76 @@ def percentile_threshold(good_scores, false_alarm_rate: float = 0.01) -> float:
     return float(np.quantile(g, 1.0 - false_alarm_rate))
 
 
-def choose_threshold(method: str, scores, labels, false_alarm_rate: float = 0.01) -> tuple[float, str]:
+def max_false_alarm_threshold(good_scores, max_false_alarm: float) -> tuple[float, dict]:
+    """The lowest threshold at which at most ``max_false_alarm`` of the good (validation) images reach it
+    (NG means score >= threshold), and whether that many good images can show such a rate at all.
+
+    With ``n`` good images the measurable rates are multiples of ``1/n``: a stated rate below ``1/n``
+    is not supported by the data; the threshold is then placed just above every good score (0 of n false
+    alarms), and the result says the real rate is only known to lie below about ``1/n``."""
+    g = np.sort(np.asarray(good_scores, np.float64).reshape(-1))[::-1]
+    if not g.size:
+        raise DataError("need at least one good validation image to place a false-alarm threshold")
+    n = len(g)
+    allowed = int(np.floor(max_false_alarm * n + 1e-9))
+    thr = float(np.nextafter(g[allowed], np.inf)) if allowed < n else float(g[-1])
+    supported = max_false_alarm * n >= 1 - 1e-9 or max_false_alarm >= 1
+    info = {"max_false_alarm": max_false_alarm, "val_good_images": n, "val_false_alarms_allowed": allowed,
+            "supported": bool(supported)}
+    if not supported:
+        info["note"] = (f"{n} good validation images measure false-alarm rates only in steps of 1/{n} = {1 / n:.3g}: "
+                        f"{max_false_alarm:g} is not supported; the threshold lies above every good validation score")
+    return thr, info
+
+
+def recall_threshold(scores, labels, target_recall: float) -> float:
+    """The highest threshold that still flags ``target_recall`` of the defective (validation) images."""
+    s, y = _check(scores, labels)
+    d = np.sort(s[y])[::-1]
+    if not d.size:
+        raise DataError("need at least one defective validation image to place a recall threshold")
+    k = max(1, int(np.ceil(target_recall * len(d) - 1e-9)))
+    return float(d[min(k, len(d)) - 1])
+
+
+def choose_threshold(method: str, scores, labels, false_alarm_rate: float = 0.01,
+                     target_recall: float = 0.95) -> tuple[float, str]:
     """A threshold on validation scores and the rule actually used.
 
-    ``method``: ``f1`` (F1-optimal), ``otsu`` or ``percentile`` (of good scores).  With no defect
-    among the labels, F1 would degenerate to the lowest score and flag everything, so ``f1``
-    falls back to ``percentile`` and says so in the returned rule.
+    ``method``: ``f1`` (F1-optimal), ``otsu``, ``percentile`` (of good scores), ``false_alarm`` (at most
+    ``false_alarm_rate`` of good images flagged; the rule says when the data cannot support the rate) or
+    ``recall`` (flag ``target_recall`` of the defects).  With no defect among the labels, F1 and recall
+    would degenerate, so they fall back to ``percentile`` and say so in the returned rule.
     """
     s, y = _check(scores, labels)
     if method == "otsu":
         return otsu_threshold(s), "otsu"
+    if method == "false_alarm":
+        thr, info = max_false_alarm_threshold(s[~y] if (~y).any() else s, false_alarm_rate)
+        rule = (f"false alarms <= {false_alarm_rate:g} on {info['val_good_images']} good validation images"
+                + (f" (NOT SUPPORTED: {info['note']})" if not info["supported"] else ""))
+        return thr, rule
     if method == "percentile" or not y.any():
         rule = f"percentile: {100 * (1 - false_alarm_rate):g}th of good validation scores"
         if method != "percentile":
             rule += " (fallback: no defect in the validation data)"
         return percentile_threshold(s[~y] if (~y).any() else s, false_alarm_rate), rule
+    if method == "recall":
+        return recall_threshold(s, y, target_recall), f"recall >= {target_recall:g} on validation defects"
     if method != "f1":
-        raise DataError(f"unknown threshold method {method!r}; choose f1, otsu or percentile")
+        raise DataError(f"unknown threshold method {method!r}; choose f1, otsu, percentile, false_alarm or recall")
     return f1_threshold(s, y), "f1"
+
+
+def confusion_at(scores, labels, threshold: float) -> dict:
+    """The operating point on (test) images: NG = score >= threshold; counts and rates."""
+    s, y = _check(scores, labels)
+    pred = s >= threshold
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+    return {"threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "false_alarm_rate": fp / max(fp + tn, 1), "miss_rate": fn / max(fn + tp, 1),
+            "precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1)}
 
 
 # ------------------------------------------------------------------------------ reports

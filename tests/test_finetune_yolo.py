@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from defectkit.converters.canonical import read_records
@@ -73,6 +74,25 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "['cut', 'speck', 'stain', 'tear'] (1, 4, 512)" in out.stdout
+    # use it: the val-fold image threshold, predict on new images, ONNX export checked, predict through it
+    spec = json.loads((run / "deploy.json").read_text())
+    assert spec["kind"] == "yolo" and spec["thresholds"]["source"] == "val fold"
+    assert m["thresholds"] == spec["thresholds"]
+    images = data_yaml.parent / "images" / "test"
+    for args in (["predict", "--run", run, "--images", images, "--out", tmp_path / "p-torch"],
+                 ["export", "--run", run],
+                 ["predict", "--run", run, "--images", images, "--out", tmp_path / "p-onnx", "--backend", "onnx"]):
+        d = subprocess.run([sys.executable, "-m", "defectkit.deploy", *map(str, args)], env=no_clip, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+        assert d.returncode == 0, d.stderr[-3000:]
+    assert (run / "weights" / "best.onnx").is_file()
+    check = json.loads((run / "export" / "model.json").read_text())["onnx"]["check"]
+    assert check["max_abs_diff"] <= check["atol"] and check["images"] > 0
+    rows = {b: list(csv.DictReader((tmp_path / f"p-{b}" / "summary.csv").open())) for b in ("torch", "onnx")}
+    assert len(rows["torch"]) == len(list(images.iterdir())) and [r["image"] for r in rows["torch"]] == [
+        r["image"] for r in rows["onnx"]]
+    assert np.allclose([float(r["score"]) for r in rows["torch"]], [float(r["score"]) for r in rows["onnx"]],
+                       atol=1e-3)
 
 
 @pytest.mark.slow

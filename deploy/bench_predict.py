@@ -1,0 +1,94 @@
+"""Inference speed of a trained run through PyTorch and through its ONNX export (onnxruntime, CPU),
+on the same images in the same process: images/s and the ratio onnxruntime / PyTorch.
+
+    python -m defectkit.deploy.bench_predict --run RUN [--images DIR] [--n 32] [--repeat 3]
+
+Timed: the model call on prepared batches (anomaly: the map head, maps and scores; YOLO: Ultralytics'
+predict, letterbox and NMS included), best of ``--repeat`` passes.  The run is exported first if it
+has no ONNX file.  Threads: torch's and onnxruntime's defaults (all cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+from defectkit.core.cli import run_cli
+
+
+def _best(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench(run: Path, images: str | None, n: int, repeat: int, batch: int) -> list[dict]:
+    from defectkit.deploy.export import sample_images
+    from defectkit.deploy.predict import run_kind
+
+    kind = run_kind(run)
+    imgs = sample_images(run, images, n)
+    if kind == "anomaly":
+        from defectkit.anomaly.deploy import AnomalyRunner, export_onnx, prepare_batch
+
+        if not (run / "export" / "model.onnx").is_file():
+            export_onnx(run, imgs[:8])
+        runners = {b: AnomalyRunner(run, b) for b in ("torch", "onnx")}
+        x = prepare_batch(imgs, runners["torch"].spec)
+        size = runners["torch"].spec["preprocess"]["size"]
+
+        def call(b):
+            return lambda: [runners[b](x[i : i + batch]) for i in range(0, len(x), batch)]
+    else:
+        from defectkit.finetune import yolo_deploy as Y
+
+        spec = Y.read_spec(run)
+        if not (run / Path(spec["weights"]).with_suffix(".onnx")).is_file():
+            Y.export_onnx(run, imgs[:8])
+        models = {b: Y.load_model(run, spec, b) for b in ("torch", "onnx")}
+        size = [spec["imgsz"]] * 2
+
+        def call(b):
+            return lambda: [list(Y._run(models[b], spec, imgs[i : i + batch])) for i in range(0, len(imgs), batch)]
+    rows = []
+    for b in ("torch", "onnx"):
+        s = _best(call(b), repeat)
+        rows.append({"backend": "PyTorch" if b == "torch" else "onnxruntime", "images": len(imgs),
+                     "input": f"{size[0]}x{size[1]}", "images_per_s": len(imgs) / s})
+    for r in rows:
+        r["ratio_vs_pytorch"] = r["images_per_s"] / rows[0]["images_per_s"]
+    return rows
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    from tabulate import tabulate
+
+    rows = bench(args.run, args.images, args.n, args.repeat, args.batch)
+    where = platform.processor() or platform.machine()
+    print(f"{args.run} on {where}, best of {args.repeat} passes, batch {args.batch}")
+    print(tabulate([[r["backend"], r["input"], r["images"], f"{r['images_per_s']:.1f}", f"{r['ratio_vs_pytorch']:.2f}x"]
+                    for r in rows], headers=["backend", "input", "images", "images/s", "vs PyTorch"],
+                   tablefmt="github"))
+    return rows
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m defectkit.deploy.bench_predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--images")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(get_args_parser(), main))

@@ -1,0 +1,216 @@
+"""Use what was trained: predict on new images (OK/NG, maps, overlays, CSV), ONNX export checked against
+the trainer's own maps, the operating point, and bad input; on tiny runs trained here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from defectkit.converters.canonical import read_records
+from defectkit.core.errors import ConfigError, DataError, MissingFileError
+from defectkit.review.metrics import choose_threshold, confusion_at, max_false_alarm_threshold, recall_threshold
+from tests.conftest import write_image
+
+# ---------------------------------------------------------------------------------------- operating point, by hand
+
+
+def test_max_false_alarm_threshold_by_hand():
+    good = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.4, 0.6, 0.8, 0.0]  # 10 good validation scores
+    thr, info = max_false_alarm_threshold(good, 0.2)  # 2 of 10 may be flagged: 0.9 and 0.8, not 0.7
+    assert 0.7 < thr <= 0.7 + 1e-12 and info["val_false_alarms_allowed"] == 2 and info["supported"]
+    thr, info = max_false_alarm_threshold(good, 0.01)  # 1/10 is the finest rate 10 images can show
+    assert 0.9 < thr < 0.9 + 1e-12 and not info["supported"] and "steps of 1/10" in info["note"]
+    t, rule = choose_threshold("false_alarm", good + [2.0], [0] * 10 + [1], false_alarm_rate=0.01)
+    assert t == thr and "NOT SUPPORTED" in rule
+
+
+def test_recall_threshold_and_confusion_by_hand():
+    s, y = [0.9, 0.8, 0.3, 0.2, 0.7, 0.1], [1, 1, 1, 1, 0, 0]
+    assert recall_threshold(s, y, 0.5) == 0.8  # the 2 highest of 4 defects
+    assert recall_threshold(s, y, 0.75) == 0.3
+    c = confusion_at(s, y, 0.5)
+    assert (c["tp"], c["fp"], c["tn"], c["fn"]) == (2, 1, 1, 2)
+    assert c["false_alarm_rate"] == 0.5 and c["miss_rate"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------- images in
+
+
+def test_find_images_walks_trees_and_globs_and_refuses_an_empty_folder(tmp_path):
+    from defectkit.deploy.predict import find_images
+
+    for rel in ("a.png", "sub/b.JPG", "sub/deeper/c.tif", "notes.txt", ".hidden.png"):
+        p = tmp_path / "in" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    root, files = find_images(tmp_path / "in")
+    assert root == (tmp_path / "in").absolute()
+    assert [f.relative_to(root).as_posix() for f in files] == ["a.png", "sub/b.JPG", "sub/deeper/c.tif"]
+    root, files = find_images(str(tmp_path / "in" / "sub" / "*.JPG"))
+    assert [f.name for f in files] == ["b.JPG"] and root == (tmp_path / "in" / "sub").absolute()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        find_images(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------- a trained anomaly run
+
+
+def _train(root: Path, out: Path, *extra: str) -> Path:
+    from defectkit.anomaly import train as T
+
+    T.main(T.get_args_parser().parse_args([
+        "--data", str(root), "--manifest", str(out.parent / "manifest.json"), "--out", str(out), "--category", "washer",
+        "--batch", "8", "--no-plots", "--patience", "99", "--device", "cpu", "-q", *extra]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ae_run(synthetic_root, tmp_path_factory):
+    """A conv AE trained on the embedded washer (image AUROC 1.0 here in ~6 s: it tells good from painted)."""
+    return _train(synthetic_root, tmp_path_factory.mktemp("deploy") / "run" / "washer", "--model", "conv_ae",
+                  "--imgsz", "64", "--depth", "3", "--base", "16", "--epochs", "10", "--steps-per-epoch", "10",
+                  "--sigma", "2")
+
+
+@pytest.fixture(scope="module")
+def draem_run(synthetic_root, tmp_path_factory):
+    """A briefly trained DRAEM: its exported graph must still match its trainer's maps."""
+    return _train(synthetic_root, tmp_path_factory.mktemp("deploy-draem") / "washer", "--model", "draem",
+                  "--imgsz", "48", "--depth", "3", "--base", "8", "--epochs", "2", "--steps-per-epoch", "4")
+
+
+def _new_images(synthetic_root: Path, folder: Path) -> dict[str, np.ndarray]:
+    """A good image, the same with a painted defect, a resized and a gray copy, and a truncated file."""
+    good = cv2.cvtColor(cv2.imread(str(synthetic_root / "washer" / "test" / "good" / "000.png")), cv2.COLOR_BGR2RGB)
+    painted = good.copy()
+    cv2.circle(painted, (90, 70), 22, (20, 200, 230), -1)  # a bright stain on the washer's ring
+    imgs = {"good.png": good, "line2/painted.png": painted,
+            "big.jpg": cv2.resize(painted, (400, 300)), "gray.bmp": cv2.cvtColor(good, cv2.COLOR_RGB2GRAY)}
+    for rel, im in imgs.items():
+        write_image(folder / rel, im)
+    (folder / "broken.png").write_bytes((folder / "good.png").read_bytes()[:200])
+    return imgs
+
+
+@pytest.mark.slow
+def test_predict_decides_ok_and_ng_writes_everything_and_names_the_unreadable_image(ae_run, synthetic_root,
+                                                                                     tmp_path):
+    from defectkit.deploy.predict import predict
+
+    imgs = _new_images(synthetic_root, tmp_path / "in")
+    out = tmp_path / "out"
+    summary = predict(ae_run, str(tmp_path / "in"), out)
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    by = {r["image"]: r for r in rows}
+    assert set(by) == {*imgs, str((tmp_path / "in" / "broken.png").absolute())}  # one line per image
+    assert by[str((tmp_path / "in" / "broken.png").absolute())]["decision"] == "UNREADABLE"
+    assert summary["counts"]["unreadable"] == 1 and summary["counts"]["images"] == 4
+    assert by["good.png"]["decision"] == "OK" and by["line2/painted.png"]["decision"] == "NG"
+    assert float(by["line2/painted.png"]["score"]) > float(by["good.png"]["score"])
+    header, recs = read_records(out / "predictions.jsonl")
+    assert header["threshold_source"].endswith("on the val fold") and header["run_kind"] == "anomaly"
+    for r in recs:  # maps come back at each image's own size
+        assert np.load(out / r.anomaly_map).shape == (r.height, r.width)
+        assert r.decision in ("OK", "NG")
+    big = next(r for r in recs if r.image == "big.jpg")
+    assert (big.height, big.width) == (300, 400)
+    assert (out / "overlays" / "line2__painted.png.png").is_file() and not (out / "overlays" / "good.png.png").exists()
+    # --threshold overrides; a rerun replaces the folder whole
+    predict(ae_run, str(tmp_path / "in"), out, threshold=1e9)
+    assert {r["decision"] for r in csv.DictReader((out / "summary.csv").open())} == {"OK", "UNREADABLE"}
+    assert not (out / "overlays").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["ae_run", "draem_run"])
+def test_onnx_export_reproduces_the_trainers_maps_and_predict_runs_on_it(family, synthetic_root, tmp_path, request):
+    """The exported graph must give the maps the trainer wrote for its test fold (maps/*.npy, float16):
+    an export that dropped the smoothing or the score would differ from them."""
+    run = request.getfixturevalue(family)
+    from defectkit.anomaly.deploy import export_onnx, prepare_batch, read_spec
+    from defectkit.datasets.image_files import read_image
+    from defectkit.deploy.predict import predict
+
+    header, recs = read_records(run / "predictions.jsonl")
+    recs = recs[:: max(1, len(recs) // 6)][:6]
+    images = [read_image(Path(header["data_root"]) / r.image) for r in recs]
+    rep = export_onnx(run, images)
+    assert rep["max_abs_diff_maps"] <= rep["atol"] and rep["images"] == len(images)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(run / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    maps, scores = sess.run(["maps", "scores"], {"images": prepare_batch(images, read_spec(run))})
+    trainer_maps = np.stack([np.load(run / r.anomaly_map).astype(np.float32) for r in recs])
+    assert np.abs(maps - trainer_maps).max() < 2e-3  # float16 storage of the trainer's maps
+    assert np.allclose(scores, [r.image_score for r in recs], atol=2e-3)
+    spec = json.loads((run / "export" / "model.json").read_text())
+    assert spec["thresholds"]["image"] == read_spec(run)["thresholds"]["image"]
+    assert spec["preprocess"] == read_spec(run)["preprocess"] and spec["preprocess"]["channel_order"] == "RGB"
+    _new_images(synthetic_root, tmp_path / "in")
+    a = predict(run, str(tmp_path / "in"), tmp_path / "torch")
+    b = predict(run, str(tmp_path / "in"), tmp_path / "onnx", backend="onnx")
+    assert a["counts"] == b["counts"]
+    sa = [float(r["score"]) for r in csv.DictReader((tmp_path / "torch" / "summary.csv").open()) if r["score"]]
+    sb = [float(r["score"]) for r in csv.DictReader((tmp_path / "onnx" / "summary.csv").open()) if r["score"]]
+    assert np.allclose(sa, sb, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_bad_runs_are_clear_errors_and_leave_nothing_behind(ae_run, synthetic_root, tmp_path):
+    from defectkit.deploy.predict import predict, run_kind
+
+    _new_images(synthetic_root, tmp_path / "in")
+    with pytest.raises(ConfigError, match="one anomaly run per category"):
+        run_kind(ae_run.parent)
+    broken = tmp_path / "old-run"
+    shutil.copytree(ae_run, broken, ignore=shutil.ignore_patterns("export", "maps", "plots"))
+    (broken / "deploy.json").unlink()
+    with pytest.raises(MissingFileError, match="deploy.json not found"):
+        predict(broken, str(tmp_path / "in"), tmp_path / "o1")
+    assert not (tmp_path / "o1").exists()
+    feature = tmp_path / "feature-run"
+    shutil.copytree(broken, feature)
+    args = json.loads((feature / "run_args.json").read_text())
+    args["model"]["model"] = "patchcore"
+    (feature / "run_args.json").write_text(json.dumps(args))
+    with pytest.raises(ConfigError, match="feature model"):
+        predict(feature, str(tmp_path / "in"), tmp_path / "o2")
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(ae_run, no_weights, ignore=shutil.ignore_patterns("export", "maps", "plots"))
+    (no_weights / "best.pt").unlink()
+    with pytest.raises(MissingFileError, match="best.pt not found"):
+        predict(no_weights, str(tmp_path / "in"), tmp_path / "o3")
+    with pytest.raises(MissingFileError, match="export the run first"):
+        predict(no_weights, str(tmp_path / "in"), tmp_path / "o4", backend="onnx")
+    other = tmp_path / "other-kind"
+    shutil.copytree(ae_run, other, ignore=shutil.ignore_patterns("maps", "plots"))
+    (other / "export").mkdir(exist_ok=True)
+    (other / "export" / "model.onnx").write_bytes(b"not onnx")
+    (other / "export" / "model.json").write_text(json.dumps({"kind": "yolo"}))
+    with pytest.raises(DataError, match="exported from a yolo run"):
+        predict(other, str(tmp_path / "in"), tmp_path / "o5", backend="onnx")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+@pytest.mark.slow
+def test_max_false_alarm_operating_point_is_reported_on_the_test_fold(synthetic_root, tmp_path):
+    from defectkit.anomaly import train as T
+
+    args = T.get_args_parser().parse_args([
+        "--data", str(synthetic_root), "--manifest", str(tmp_path / "manifest.json"), "--out", str(tmp_path / "run"),
+        "--model", "conv_ae", "--category", "weave", "--imgsz", "32", "--depth", "2", "--base", "8", "--epochs", "1",
+        "--steps-per-epoch", "2", "--no-plots", "--max-false-alarm", "0.01", "-q"])
+    m = T.main(args)
+    op = m["image"]["at_threshold"]
+    assert op["tp"] + op["fn"] + op["fp"] + op["tn"] == m["test_images"]
+    assert "NOT SUPPORTED" in op["rule"]  # 3 good val images cannot show a 1 % false-alarm rate
+    assert m["thresholds"]["method"] == "false_alarm"
+    spec = json.loads((tmp_path / "run" / "deploy.json").read_text())
+    assert spec["thresholds"]["image"] == op["threshold"]
