@@ -62,7 +62,7 @@ APP_NAME := defectkit-$(DATA_NAME)-$(CATEGORY)
 RUNS ?= $(YOLO_RUN) $(ANOMALY_RUN) $(SAM_RUN)
 
 .PHONY: help setup demo test test-fast lint generate validate stats split synth-defects convert bench-convert finetune-yolo \
-	anomaly bench-anomaly finetune-sam bench-sam compare app clean predict export bench-predict
+	anomaly bench-anomaly finetune-sam bench-sam compare app harvest clean predict export bench-predict
 
 help:
 	@echo "make setup      create .venv with every pinned dependency (other targets do it for you)"
@@ -85,6 +85,7 @@ help:
 	@echo "make app        build the FiftyOne dataset of RUNS and open the App on 127.0.0.1:APP_PORT"
 	@echo "make predict    OK/NG, maps, overlays and a CSV for new images: RUN=<run folder> IMAGES=<folder or glob>"
 	@echo "make export     ONNX export of RUN, checked against PyTorch on real images (FORMAT=onnx)"
+	@echo "make harvest    list the images tagged 'missed defect' / 'false alarm' in the App (PREDICTIONS=...)"
 	@echo "make bench-predict  images/s of RUN through PyTorch and onnxruntime, same images, same run"
 
 setup: $(STAMP)
@@ -169,9 +170,18 @@ bench-sam: convert
 compare: setup
 	$(PY) -m defectkit.review.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR)
 
+# make app PREDICTIONS="predict output folders": review new images (NG, uncertain) instead of the test fold
+PREDICTIONS ?=
+PREDICT_APP_NAME ?= defectkit-predict-$(notdir $(abspath $(firstword $(PREDICTIONS))))
 app: setup
-	$(PY) -m defectkit.review.fiftyone_dataset --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME) \
+	$(if $(PREDICTIONS),$(PY) -m defectkit.review.fiftyone_dataset --predictions $(PREDICTIONS) --name $(PREDICT_APP_NAME),\
+	$(PY) -m defectkit.review.fiftyone_dataset --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME)) \
 		--launch --port $(APP_PORT)
+
+# the images tagged "missed defect" / "false alarm" in the App, as a list to add to the dataset
+harvest: setup
+	$(PY) -m defectkit.review.fiftyone_dataset --name $(if $(PREDICTIONS),$(PREDICT_APP_NAME),$(APP_NAME)) \
+		--harvest $(WORK)/harvest-$(if $(PREDICTIONS),$(PREDICT_APP_NAME),$(APP_NAME)).csv
 
 generate: setup
 	$(PY) -m defectkit.datasets generate $(if $(OUT),--out $(OUT))

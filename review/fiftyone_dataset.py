@@ -30,7 +30,7 @@ import numpy as np
 from defectkit.converters.canonical import ImageRecord, read_records
 from defectkit.converters.instances import decode_rle
 from defectkit.core.cli import run_cli
-from defectkit.core.errors import DefectkitError
+from defectkit.core.errors import ConfigError, DataError, DefectkitError
 from defectkit.core.paths import WORK
 from defectkit.review.compare import load_runs
 
@@ -182,6 +182,73 @@ def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None =
     return ds
 
 
+REVIEW_TAGS = ("missed defect", "false alarm")  # what a reviewer tags in the App; `harvest` lists them
+
+
+def build_predict_dataset(name: str, outputs: list[Path], band_views: bool = True):
+    """A dataset of new (production) images from ``predict`` output folders: each model's boxes, masks,
+    heatmaps and decision; the first model's decision as tags (``ng``/``ok``, plus ``uncertain``) and the
+    saved views "NG" and "uncertain, review first".  No ground truth: reviewers add tags in the App
+    (``missed defect``, ``false alarm``) and :func:`harvest` lists the tagged images."""
+    from fiftyone import ViewField as F
+
+    groups = load_runs(outputs)
+    fo = _import_fiftyone()
+    if name in fo.list_datasets():
+        fo.delete_dataset(name)
+    ds = fo.Dataset(name, persistent=True)
+    samples: dict[str, object] = {}
+    first = None
+    for rname, (paths, rh, preds, dirs) in groups.items():
+        if "run_kind" not in rh:
+            raise DataError(f"{paths[0]} is not the output of predict (no run_kind in its header)")
+        fld = field_name(rname)
+        first = first or fld
+        root = Path(rh["data_root"])
+        for r in preds:
+            if r.image not in samples:
+                samples[r.image] = fo.Sample(filepath=str(root / r.image), tags=[])
+        _add_run(fo, samples, fld, rh, preds, dirs)
+        for r in preds:
+            s = samples[r.image]
+            s[f"{fld}_decision"] = r.decision
+            s[f"{fld}_score"] = r.image_score
+            if fld == first:
+                s.tags = [r.decision.lower()] + (["uncertain"] if r.uncertain else [])
+    ds.add_samples(list(samples.values()))
+    ds.save_view("NG", ds.match_tags("ng"))
+    ds.save_view("uncertain, review first", ds.match_tags("uncertain").sort_by(F(f"{first}_score"), reverse=True))
+    ds.info = {"predict_outputs": [str(p) for p in outputs], "models": list(groups), "review_tags": list(REVIEW_TAGS)}
+    ds.save()
+    return ds
+
+
+def harvest(name: str, out: Path, tags: tuple[str, ...] = REVIEW_TAGS) -> Path:
+    """The images a reviewer tagged in the App (``missed defect``, ``false alarm``, ...) as a CSV
+    (image path, tags, the model's decision and score) to add to the dataset by hand."""
+    import csv
+    import io
+
+    from defectkit.core.atomic import atomic_write_text
+
+    fo = _import_fiftyone()
+    if name not in fo.list_datasets():
+        raise DataError(f"no FiftyOne dataset {name!r}: build it first (make app PREDICTIONS=...)")
+    ds = fo.load_dataset(name)
+    view = ds.match_tags(list(tags))
+    first = field_name(ds.info.get("models", [""])[0]) if ds.info.get("models") else None
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["filepath", "review_tags", "decision", "score"])
+    for s in view.iter_samples():
+        review = [t for t in s.tags if t in tags]
+        w.writerow([s.filepath, ";".join(review), s[f"{first}_decision"] if first else "",
+                    s[f"{first}_score"] if first else ""])
+    atomic_write_text(out, buf.getvalue())
+    print(f"{len(view)} tagged image(s) ({', '.join(tags)}) -> {out}")
+    return out
+
+
 def launch(name: str, port: int = 5151, address: str = "127.0.0.1", wait: bool = True):
     configure_fiftyone()
     import fiftyone as fo
@@ -199,8 +266,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--gt", type=Path, required=True)
+    p.add_argument("--gt", type=Path, help="ground_truth.jsonl of a conversion (a test-fold review)")
     p.add_argument("--runs", type=Path, nargs="*", default=[])
+    p.add_argument("--predictions", type=Path, nargs="+",
+                   help="predict output folders instead of --gt/--runs: review new images (no ground truth)")
+    p.add_argument("--harvest", type=Path, metavar="CSV",
+                   help="write the images tagged in the App (missed defect, false alarm) to CSV and stop")
     p.add_argument("--name", required=True)
     p.add_argument("--fold", default="test", help="fold to load ('all' for every fold)")
     p.add_argument("--launch", action="store_true")
@@ -212,7 +283,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace):
     for name in ("fiftyone", "eta"):  # they print through their own handlers; ours would print each line twice
         logging.getLogger(name).propagate = False
-    ds = build_dataset(args.name, args.gt, args.runs, None if args.fold == "all" else args.fold)
+    if args.harvest:
+        return harvest(args.name, args.harvest)
+    if args.predictions:
+        ds = build_predict_dataset(args.name, args.predictions)
+    elif args.gt:
+        ds = build_dataset(args.name, args.gt, args.runs, None if args.fold == "all" else args.fold)
+    else:
+        raise ConfigError("pass --gt (with --runs) for a test-fold review, or --predictions for predict outputs")
     print(f"FiftyOne dataset {args.name!r}: {len(ds)} samples, {len(ds.get_field_schema())} fields")
     for view in ds.list_saved_views():
         print(f"  saved view: {view}")

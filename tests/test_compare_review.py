@@ -159,21 +159,14 @@ def _look(url: str, tmp_path: Path) -> tuple[str, Path]:
     return dom, shot
 
 
-@pytest.mark.slow
-def test_app_serves_the_samples_to_a_headless_browser(setup, tmp_path):
+def app_page(name: str, tmp_path: Path) -> tuple[str, Path]:
+    """Serve the persistent dataset ``name`` with FiftyOne's App and look at it with headless Chromium."""
     _chromium()
-    base, conv = setup
     port = _free_port()
-    code = f"""
-import sys
-from defectkit.review.fiftyone_dataset import build_dataset, launch
-build_dataset("dk-app", sys.argv[1], sys.argv[2:])
-launch("dk-app", port={port})
-"""
-    app = subprocess.Popen([sys.executable, "-c", code, str(conv / "ground_truth.jsonl"), str(base / "perfect")],
-                           env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    app = subprocess.Popen([sys.executable, "-c", "from defectkit.review.fiftyone_dataset import launch;"
+                            f"launch({name!r}, port={port})"], env=_env(tmp_path), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
     try:
-        url = f"http://127.0.0.1:{port}/datasets/dk-app"
         for _ in range(120):
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -182,20 +175,32 @@ launch("dk-app", port={port})
                 time.sleep(1)
                 assert app.poll() is None, app.stdout.read()[-3000:]
         time.sleep(2)
-        dom, shot = _look(url, tmp_path)
-        tiles = dom.count('data-cy="looker"')
-        assert "dk-app" in dom and tiles > 0, "no sample tile on the App page"
-        img = cv2.imread(str(shot))
-        assert img is not None and img.shape[:2] == (900, 1400) and img.std() > 10
-        out = Path(os.environ.get("DEFECTKIT_SCREENSHOTS", tmp_path))
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, out / "fiftyone_app.png")
+        return _look(f"http://127.0.0.1:{port}/datasets/{name}", tmp_path)
     finally:
         app.terminate()
         try:
             app.wait(30)
         except subprocess.TimeoutExpired:
             app.kill()
+
+
+@pytest.mark.slow
+def test_app_serves_the_samples_to_a_headless_browser(setup, tmp_path):
+    _chromium()
+    base, conv = setup
+    code = ("import sys; from defectkit.review.fiftyone_dataset import build_dataset;"
+            "build_dataset('dk-app', sys.argv[1], sys.argv[2:])")
+    r = subprocess.run([sys.executable, "-c", code, str(conv / "ground_truth.jsonl"), str(base / "perfect")],
+                       env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dom, shot = app_page("dk-app", tmp_path)
+    tiles = dom.count('data-cy="looker"')
+    assert "dk-app" in dom and tiles > 0, "no sample tile on the App page"
+    img = cv2.imread(str(shot))
+    assert img is not None and img.shape[:2] == (900, 1400) and img.std() > 10
+    out = Path(os.environ.get("DEFECTKIT_SCREENSHOTS", tmp_path))
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, out / "fiftyone_app.png")
 
 
 def test_report_bars_print_values_and_draw_missing_ones_as_n_a():
