@@ -171,6 +171,8 @@ def export_onnx(run: Path, images: Sequence[np.ndarray], out: Path | None = None
 
     import torch
 
+    for name in ("onnxscript", "onnx_ir"):  # their INFO lines (passes, rewrites) say nothing a user needs
+        logging.getLogger(name).setLevel(logging.WARNING)
     run = Path(run)
     spec = read_spec(run)
     head = build_head(spec, run)

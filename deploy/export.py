@@ -2,7 +2,9 @@
 
 * anomaly runs: the :class:`~defectkit.anomaly.scoring.AnomalyHead` (map, smoothing, normalisation and
   score in one graph) to ``<run>/export/model.onnx`` + ``model.json`` (threshold, preprocessing);
-* YOLO runs: Ultralytics' own exporter to ``<run>/weights/best.onnx`` + ``<run>/export/model.json``.
+* YOLO runs: Ultralytics' own exporter to ``<run>/weights/best.onnx`` + ``<run>/export/model.json``;
+* SAM cascade runs: segment-anything's ``SamOnnxModel`` (prompt encoder + mask decoder) and the image
+  encoder, separately, to ``<run>/export/``.
 
 Each export runs onnxruntime and PyTorch on the same batch of real images (``--images``, default: the
 run's own test images) and fails, writing nothing, when they differ by more than the stated tolerance.
@@ -44,8 +46,12 @@ def main(args: argparse.Namespace) -> dict:
         from defectkit.anomaly.deploy import export_onnx
 
         report = export_onnx(args.run, imgs)
-    else:
+    elif kind == "yolo":
         from defectkit.finetune.yolo_deploy import export_onnx
+
+        report = export_onnx(args.run, imgs)
+    else:
+        from defectkit.finetune.sam_deploy import export_onnx
 
         report = export_onnx(args.run, imgs)
     print(json.dumps(report, indent=1))

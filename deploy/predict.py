@@ -3,8 +3,9 @@
 ``python -m defectkit.deploy predict --run RUN --images DIR|GLOB --out OUT``  (``make predict``)
 
 * Runs: an anomaly run (a category folder of ``anomaly/train.py``; ``deploy.json`` holds its
-  thresholds and preprocessing) or a YOLO run (``finetune/yolo.py``; ``deploy.json`` holds the image
-  threshold chosen on its val fold).  ``--threshold`` overrides the stored one.
+  thresholds and preprocessing), a YOLO run (``finetune/yolo.py``; ``deploy.json`` holds the image
+  threshold chosen on its val fold) or a SAM run trained with ``--yolo-predictions`` (the YOLO -> SAM
+  cascade: the YOLO run's boxes prompt SAM, its threshold decides).  ``--threshold`` overrides.
 * Images: any png/jpg/bmp/tif, any size, gray or RGB, a folder tree or a glob.  An unreadable or
   truncated image is named, counted and skipped; the rest are processed.
 * ``OUT`` (written whole or not at all, a rerun replaces it): ``predictions.jsonl`` (the suite's
@@ -88,8 +89,12 @@ def run_kind(run: Path) -> str:
             kind = json.loads(spec.read_text()).get("kind")
         except json.JSONDecodeError as e:
             raise DataError(f"{spec}: not JSON ({e})") from e
-        if kind in ("anomaly", "yolo"):
+        if kind in ("anomaly", "yolo", "sam_cascade"):
             return kind
+        if kind == "sam":
+            from defectkit.finetune.sam_deploy import read_spec
+
+            read_spec(run)  # raises: SAM alone needs prompts
         raise DataError(f"{spec}: unknown run kind {kind!r}")
     if (run / "run_args.json").is_file() and (run / "metrics.json").is_file():
         return "anomaly"  # read_spec explains what is missing
@@ -98,9 +103,9 @@ def run_kind(run: Path) -> str:
     cats = sorted(d.name for d in run.iterdir() if d.is_dir() and (d / "deploy.json").is_file())
     if cats:
         raise ConfigError(f"{run} holds one anomaly run per category ({', '.join(cats)}): pass --run {run}/<category>")
-    if (run / "cascade_predictions.jsonl").is_file() or (run / "predictions.jsonl").is_file():
-        raise ConfigError(f"{run}: SAM runs need prompts; predicting with SAM (and the YOLO->SAM cascade) on new "
-                          "images is not supported yet: predict with the YOLO run")
+    if (run / "cascade_predictions.jsonl").is_file():
+        raise MissingFileError(f"{run}/deploy.json not found: the SAM run was trained by an older version (retrain "
+                               "it with --yolo-predictions to predict with the YOLO -> SAM cascade)")
     raise MissingFileError(f"{run}: no deploy.json, weights/best.pt or run_args.json: not a trained run folder")
 
 
@@ -133,7 +138,13 @@ def predict_yolo(run: Path, images, backend: str, batch: int = 16) -> tuple[dict
     return predict_images(run, images, backend)
 
 
-PREDICTORS = {"anomaly": predict_anomaly, "yolo": predict_yolo}
+def predict_cascade(run: Path, images, backend: str, batch: int = 16) -> tuple[dict, list[Prediction]]:
+    from defectkit.finetune.sam_deploy import predict_images
+
+    return predict_images(run, images, backend)
+
+
+PREDICTORS = {"anomaly": predict_anomaly, "yolo": predict_yolo, "sam_cascade": predict_cascade}
 
 
 # ------------------------------------------------------------------------------------------ decisions and outputs

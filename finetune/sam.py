@@ -69,6 +69,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=0, help="positive points per prompt, sampled inside the region")
     p.add_argument("--augment", type=int, default=0, help="augmented copies of each training image")
     p.add_argument("--train-prompt-encoder", action="store_true")
+    p.add_argument("--train-encoder", action="store_true",
+                   help="train the image encoder too (MedSAM-style full fine-tuning; from scratch for the tiny "
+                        "model); embeddings are then computed live, the cache serves frozen encoders only")
     p.add_argument("--patience", type=int, default=10)
     p.add_argument(
         "--yolo-predictions", type=Path, default=None, help="canonical predictions of a YOLO run: the cascade"
@@ -94,6 +97,7 @@ class SamTrainConfig:
     jitter: float = 0.1
     points: int = 0
     train_prompt_encoder: bool = False
+    train_encoder: bool = False
     patience: int = 10
     seed: int = 0
     resume: bool = False
@@ -175,6 +179,7 @@ def train_one_epoch(sam, items, cache, opt, cfg: SamTrainConfig, rng, low: int, 
     )
 
     sam.mask_decoder.train()
+    sam.image_encoder.train(cfg.train_encoder)
     pairs = [(i, k) for i, it in enumerate(items) for k in range(len(it.boxes))]
     order = rng.permutation(len(pairs))  # the same on every rank (same seed)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -191,7 +196,7 @@ def train_one_epoch(sam, items, cache, opt, cfg: SamTrainConfig, rng, low: int, 
         losses = []
         for i, ks in by_image.items():
             it = items[i]
-            emb = cache.get(it.rgb).to(device)
+            emb = cache.encode(it.rgb, grad=True) if cfg.train_encoder else cache.get(it.rgb).to(device)
             boxes = jitter_boxes(it.boxes[ks], it.hw, rng, cfg.jitter)
             pts = sample_points(it.masks[ks], cfg.points, rng) if cfg.points else None
             logits, _ = decode(sam, emb, boxes, it.hw, cache, pts, train_prompt)
@@ -275,10 +280,12 @@ def instance_scores(items, preds) -> dict:
     }
 
 
-def _state(sam, train_prompt: bool) -> dict:
+def _state(sam, cfg: SamTrainConfig) -> dict:
     s = {"mask_decoder": sam.mask_decoder.state_dict()}
-    if train_prompt:
+    if cfg.train_prompt_encoder:
         s["prompt_encoder"] = sam.prompt_encoder.state_dict()
+    if cfg.train_encoder:
+        s["image_encoder"] = sam.image_encoder.state_dict()
     return s
 
 
@@ -290,6 +297,8 @@ def _load_trained(sam, path: Path, key: str, device: str) -> dict:
     sam.mask_decoder.load_state_dict(ck["mask_decoder"])
     if "prompt_encoder" in ck:
         sam.prompt_encoder.load_state_dict(ck["prompt_encoder"])
+    if "image_encoder" in ck:
+        sam.image_encoder.load_state_dict(ck["image_encoder"])
     return ck
 
 
@@ -303,7 +312,8 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
     from defectkit.core.progress import progress
 
     for p in sam.image_encoder.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(cfg.train_encoder)
+    cache.live = cfg.train_encoder  # a trained encoder's embeddings change every step: never cached
     for p in sam.prompt_encoder.parameters():
         p.requires_grad_(cfg.train_prompt_encoder)
     opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -342,8 +352,8 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
             "selected_on": "val mean IoU" if val_items else "train loss (no val instance)",
         }
         if improved:
-            atomic_torch_save({**_state(sam, cfg.train_prompt_encoder), **meta}, run / "best.pt")
-        atomic_torch_save({**_state(sam, cfg.train_prompt_encoder), "optimizer": opt.state_dict(), **meta}, last)
+            atomic_torch_save({**_state(sam, cfg), **meta}, run / "best.pt")
+        atomic_torch_save({**_state(sam, cfg), "optimizer": opt.state_dict(), **meta}, last)
         bar.set_postfix(loss=f"{loss:.3f}", val_iou=f"{val:.3f}")
         if stale >= cfg.patience:
             log.info("early stop at epoch %d", epoch + 1)
@@ -522,7 +532,7 @@ def main(args: argparse.Namespace) -> dict:
     cache = EmbeddingCache(sam, args.cache, key, device)
     test_inst = [it for it in d.test if len(it.boxes)]
     t0 = time.perf_counter()
-    for it in [*d.train, *d.val, *d.test]:  # fill the cache once
+    for it in [] if cfg.train_encoder else [*d.train, *d.val, *d.test]:  # fill the cache once (frozen encoder)
         cache.get(it.rgb)
     embed_s = time.perf_counter() - t0
     log.info("embeddings: %d computed, %d from the cache (%.1fs)", cache.misses, cache.hits, embed_s)
@@ -555,6 +565,10 @@ def main(args: argparse.Namespace) -> dict:
             run,
             device,
         )
+    from defectkit.finetune.sam_deploy import write_spec
+
+    write_spec(run, args, key, Path(args.yolo_predictions).resolve().parent if args.yolo_predictions else None,
+               args.cascade_conf)  # what predict on new images uses
     atomic_write_json(run / "metrics.json", metrics)
     _print(metrics, run)
     return metrics

@@ -123,6 +123,7 @@ class EmbeddingCache:
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.memory: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
+        self.live = False  # True while the encoder trains: every get() encodes anew, nothing is stored
 
     def key(self, rgb: np.ndarray) -> str:
         return hashlib.sha256(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode()).hexdigest()[:32]
@@ -133,6 +134,8 @@ class EmbeddingCache:
     @torch.no_grad()
     def get(self, rgb: np.ndarray) -> torch.Tensor:
         """``(1, C, h, w)`` embedding of an ``(H, W, 3)`` uint8 RGB image."""
+        if self.live:
+            return self.encode(rgb)
         k = self.key(rgb)
         if k in self.memory:
             self.hits += 1
@@ -151,10 +154,11 @@ class EmbeddingCache:
         self.memory[k] = emb
         return emb
 
-    @torch.no_grad()
-    def encode(self, rgb: np.ndarray) -> torch.Tensor:
+    def encode(self, rgb: np.ndarray, grad: bool = False) -> torch.Tensor:
+        """The encoder's ``(1, C, h, w)`` embedding, without gradients unless ``grad`` (encoder training)."""
         x = torch.as_tensor(self.transform.apply_image(rgb), device=self.device).permute(2, 0, 1)[None].float()
-        return self.sam.image_encoder(self.sam.preprocess(x))
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.sam.image_encoder(self.sam.preprocess(x))
 
 
 def jitter_boxes(

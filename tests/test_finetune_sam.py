@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,57 @@ def test_an_interrupted_sam_run_resumes_to_the_same_decoder(conv, tmp_path, monk
     for k, v in full["mask_decoder"].items():
         assert torch.allclose(v, resumed["mask_decoder"][k], atol=1e-6), k
     assert [h["train_loss"] for h in full["history"]] == pytest.approx([h["train_loss"] for h in resumed["history"]])
+
+
+@pytest.mark.slow
+def test_cascade_run_predicts_new_images_and_exports_sam_to_onnx(conv, tmp_path, monkeypatch):
+    """A SAM run trained with YOLO predictions deploys as the cascade: the YOLO run's boxes (here a stand-in
+    giving the ground-truth boxes) prompt the fine-tuned decoder on new images; SAM exports to ONNX, checked."""
+    import csv
+
+    from defectkit.converters.canonical import Prediction
+    from defectkit.core.errors import ConfigError
+    from defectkit.datasets.image_files import read_image
+    from defectkit.deploy.predict import predict
+    from defectkit.finetune import sam_deploy, yolo_deploy
+
+    header, gt = read_records(conv / "ground_truth.jsonl")
+    test = [r for r in gt if r.fold == "test"][:6]
+    yrun = tmp_path / "yolo-run"
+    yrun.mkdir()
+    yolo = write_records(yrun / "predictions.jsonl", make_header("predictions", "yolo", header["classes"],
+                                                                 header["data_root"]), [])
+    S.main(_args(conv, tmp_path, "--epochs", "1", "--yolo-predictions", yolo))
+    run = tmp_path / "run"
+    spec = json.loads((run / "deploy.json").read_text())
+    assert spec["kind"] == "sam_cascade" and spec["yolo_run"] == str(yrun)
+    by_name = {r.image.replace("/", "_"): r for r in test}
+    images = tmp_path / "new"
+    images.mkdir()
+    for name, r in by_name.items():
+        (images / name).symlink_to(Path(header["data_root"]) / r.image)
+
+    def stand_in(yolo_run, imgs, backend):  # the YOLO run's boxes: here the ground truth's, score 0.9
+        assert Path(yolo_run) == yrun
+        preds = [Prediction(rel, im.shape[0], im.shape[1], 0.9 if len(by_name[rel]) else 0.0,
+                            by_name[rel].boxes_xyxy, list(by_name[rel].labels), [0.9] * len(by_name[rel]))
+                 for rel, im in imgs]
+        return {"model": "yolo", "classes": header["classes"], "threshold": 0.5, "threshold_source": "stand-in",
+                "score": "box confidence"}, preds
+
+    monkeypatch.setattr(yolo_deploy, "predict_images", stand_in)
+    predict(run, str(images), tmp_path / "out")
+    h, recs = read_records(tmp_path / "out" / "predictions.jsonl")
+    assert h["model"] == "yolo+sam-tiny" and h["run_kind"] == "sam_cascade"
+    for r in recs:
+        assert len(r.masks) == len(r) == len(by_name[r.image])  # one SAM mask per YOLO box
+        assert r.decision == ("NG" if len(by_name[r.image]) else "OK")
+    assert len(list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))) == len(by_name)
+    rep = sam_deploy.export_onnx(run, [read_image(images / n) for n in list(by_name)[:3]])
+    assert rep["max_abs_diff"] <= rep["atol"]
+    assert (run / "export" / "sam_decoder.onnx").is_file() and (run / "export" / "image_encoder.onnx").is_file()
+    # SAM without a YOLO run has no prompts for new images: a clear error
+    S.main(_args(conv, tmp_path / "alone", "--epochs", "0"))
+    with pytest.raises(ConfigError, match="SAM needs prompts"):
+        predict(tmp_path / "alone" / "run", str(images), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
