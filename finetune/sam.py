@@ -551,7 +551,8 @@ def main(args: argparse.Namespace) -> dict:
                "base_decoder_changed": any(not torch.equal(base_state[k].cpu(), v.cpu())
                                            for k, v in sam.mask_decoder.state_dict().items())}
     if cfg.model == "tiny":
-        metrics["note"] = "tiny SAM (2-block ViT) trained from scratch with a random frozen encoder: not SAM's results"
+        how = "encoder included" if cfg.train_encoder else "with a random frozen encoder"
+        metrics["note"] = f"tiny SAM (2-block ViT) trained from scratch, {how}: not SAM's results"
     if args.yolo_predictions:
         gt_test = [r for r in d.gt if r.fold == "test" and (not args.category or r.category == args.category)]
         metrics["cascade"] = cascade(

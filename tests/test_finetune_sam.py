@@ -34,6 +34,19 @@ def test_jitter_points_and_loss():
     assert good < 0.05 < 1.5 < bad
 
 
+def test_loss_still_pulls_a_collapsed_decoder_towards_a_tiny_defect():
+    """2 defect pixels of 64x64 and every logit at -10 (the collapse seen on the demo: p ~1e-7): the
+    positives' BCE is weighted by the negative/positive ratio (capped at 100), so their gradient stays
+    ~100x what a plain BCE (1/4096 per pixel) would give; one gradient step raises them."""
+    t = torch.zeros(1, 1, 64, 64)
+    t[0, 0, 10, 10:12] = 1
+    logits = torch.full_like(t, -10.0, requires_grad=True)
+    (g,) = torch.autograd.grad(C.dice_bce_loss(logits, t), logits)
+    pos, neg = -g[t > 0].mean().item(), g[t == 0].mean().item()
+    assert pos > 100 * (1 / 4096) * 0.9  # plain BCE: 1/4096; Dice: ~0 at saturation
+    assert pos > 1000 * neg > 0
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="sam_vit_b_01ec64.pth"):
         C.load_sam("vit_b", None)
@@ -202,3 +215,17 @@ def test_cascade_run_predicts_new_images_and_exports_sam_to_onnx(conv, tmp_path,
     with pytest.raises(ConfigError, match="SAM needs prompts"):
         predict(tmp_path / "alone" / "run", str(images), tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.slow
+def test_train_encoder_trains_it_end_to_end_and_keeps_it_in_the_checkpoint(conv, tmp_path):
+    m = S.main(_args(conv, tmp_path, "--epochs", "2", "--train-encoder", "--patience", "99"))
+    ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    base, _ = C.load_sam("tiny", None, 64, 0)
+    assert "image_encoder" in ck
+    assert any(not torch.equal(v, base.image_encoder.state_dict()[k]) for k, v in ck["image_encoder"].items())
+    assert m["embeddings_computed"] == sum(1 for _ in (tmp_path / "cache").rglob("*.pt"))  # zero-shot only
+    # the trained encoder is what predict and the scores use: reloading gives the same masks
+    sam, key = C.load_sam("tiny", None, 64, 0)
+    S._load_trained(sam, tmp_path / "run" / "best.pt", key, "cpu")
+    assert all(torch.equal(v, sam.image_encoder.state_dict()[k]) for k, v in ck["image_encoder"].items())
