@@ -46,10 +46,10 @@ MODEL ?= draem
 ANOMALY_ARGS_draem := --imgsz 128 --epochs 12 --batch 8 --lr 1e-3 --augment
 ANOMALY_ARGS ?= $(or $(ANOMALY_ARGS_$(MODEL)),--imgsz 128 --epochs 12 --augment)
 YOLO_MODEL ?= yolov8n-worldv2
-YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 36 --imgsz 256 --batch 8
+YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 34 --imgsz 256 --batch 8
 SAM_MODEL ?= tiny
-# the offline tiny SAM learns only with its encoder trained too (README "SAM"); 20 epochs fit the demo's 8 minutes
-SAM_ARGS ?= --epochs 20 --lr 1e-3 --train-encoder
+# the offline tiny SAM learns only with its encoder trained too (README "SAM"); 16 epochs fit the demo's 8 minutes
+SAM_ARGS ?= --epochs 16 --lr 1e-3 --train-encoder
 APP_PORT ?= 5151
 
 # the demo's stages, each a file target: a finished stage is reused, a rerun is safe
