@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.core.atomic import atomic_write_bytes, atomic_write_json, load_checkpoint
+from defectkit.core.deploy_spec import read_deploy_spec, write_deploy_spec
 from defectkit.core.errors import ConfigError, DataError, MissingFileError
 
 log = logging.getLogger("defectkit.anomaly")
 
-SPEC = "deploy.json"
-FORMAT = "defectkit.deploy/1"
 HEAD_MODELS = ("draem", "conv_ae", "unet_ae", "fc_ae", "vae")
 ONNX_ATOL = 1e-4  # max |onnxruntime - torch| allowed on maps and scores (float32 through the same graph)
 
@@ -41,34 +40,24 @@ def preprocess_spec(imgsz: int, mode: str) -> dict:
 
 def write_spec(run: Path, cfg, head, thresholds) -> dict:
     """``<run>/deploy.json`` after training: model, scoring, statistics, thresholds, preprocessing."""
-    spec = {"format": FORMAT, "kind": "anomaly", "weights": "best.pt",
-            "model": dataclasses.asdict(cfg.model), "score": dataclasses.asdict(cfg.score),
-            "family": head.family, "kernel": head.kernel, "stats": head.stats.tolist(),
-            "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel, "rule": thresholds.rule,
-                           "source": thresholds.source},
-            "preprocess": preprocess_spec(cfg.model.imgsz, cfg.model.input),
-            "outputs": {"maps": "(N, S, S) anomaly map at the input size", "scores": "(N,) image score"}}
-    atomic_write_json(run / SPEC, spec)
-    return spec
+    return write_deploy_spec(
+        run, "anomaly", weights="best.pt", model=dataclasses.asdict(cfg.model), score=dataclasses.asdict(cfg.score),
+        family=head.family, kernel=head.kernel, stats=head.stats.tolist(),
+        thresholds={"image": thresholds.image, "pixel": thresholds.pixel, "rule": thresholds.rule,
+                    "source": thresholds.source},
+        preprocess=preprocess_spec(cfg.model.imgsz, cfg.model.input),
+        outputs={"maps": "(N, S, S) anomaly map at the input size", "scores": "(N,) image score"})
 
 
 def read_spec(run: Path) -> dict:
-    path = Path(run) / SPEC
-    if not path.is_file():
+    if not (Path(run) / "deploy.json").is_file():
         model = _run_model(run)
         if model and model not in HEAD_MODELS:
             raise ConfigError(f"{run}: a {model} run (a feature model) has no deployable map head; predict and export "
                               f"support {', '.join(HEAD_MODELS)}")
-        raise MissingFileError(f"{path} not found: {run} is not an anomaly run folder trained by this version (retrain "
-                               "it with anomaly/train.py, which writes its thresholds and preprocessing there)")
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not JSON ({e})") from e
-    if spec.get("format") != FORMAT or spec.get("kind") != "anomaly":
-        raise DataError(f"{path}: not an anomaly deploy spec "
-                        f"(format {spec.get('format')!r}, kind {spec.get('kind')!r})")
-    return spec
+    hint = (f"{run} is not an anomaly run folder trained by this version (retrain it with anomaly/train.py, "
+            "which writes its thresholds and preprocessing there)")
+    return read_deploy_spec(run, ["anomaly"], hint)
 
 
 def _run_model(run: Path) -> str | None:

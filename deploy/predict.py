@@ -83,19 +83,15 @@ def run_kind(run: Path) -> str:
     run = Path(run)
     if not run.is_dir():
         raise MissingFileError(f"run folder {run} does not exist")
-    spec = run / "deploy.json"
-    if spec.is_file():
-        try:
-            kind = json.loads(spec.read_text()).get("kind")
-        except json.JSONDecodeError as e:
-            raise DataError(f"{spec}: not JSON ({e})") from e
-        if kind in ("anomaly", "yolo", "sam_cascade"):
-            return kind
+    if (run / "deploy.json").is_file():
+        from defectkit.core.deploy_spec import read_deploy_spec
+
+        kind = read_deploy_spec(run, ["anomaly", "yolo", "sam", "sam_cascade"])["kind"]
         if kind == "sam":
             from defectkit.finetune.sam_deploy import read_spec
 
             read_spec(run)  # raises: SAM alone needs prompts
-        raise DataError(f"{spec}: unknown run kind {kind!r}")
+        return kind
     if (run / "run_args.json").is_file() and (run / "metrics.json").is_file():
         return "anomaly"  # read_spec explains what is missing
     if (run / "weights" / "best.pt").is_file():

@@ -11,39 +11,32 @@ as separate ONNX files, each checked against PyTorch on real images.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from defectkit.core.atomic import atomic_write_bytes, atomic_write_json
+from defectkit.core.deploy_spec import read_deploy_spec, write_deploy_spec
 from defectkit.core.errors import ConfigError, DataError, MissingFileError
 
-FORMAT = "defectkit.deploy/1"
 ONNX_ATOL = 1e-3  # mask logits / embeddings: float32 through the same graph
 
 
-def write_spec(run: Path, args, key: str, yolo_run: Path | None, conf: float) -> dict | None:
-    spec = {"format": FORMAT, "kind": "sam_cascade" if yolo_run else "sam", "weights": "best.pt", "base": key,
-            "sam": {"model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-                    "imgsz": args.imgsz, "seed": args.seed},
-            "yolo_run": str(yolo_run) if yolo_run else None, "cascade_conf": conf,
-            "score": "image score and decision: the YOLO run's (highest box confidence)"}
-    atomic_write_json(Path(run) / "deploy.json", spec)
-    return spec
+def write_spec(run: Path, args, key: str, yolo_run: Path | None, conf: float) -> dict:
+    return write_deploy_spec(
+        run, "sam_cascade" if yolo_run else "sam", weights="best.pt", base=key,
+        sam={"model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+             "imgsz": args.imgsz, "seed": args.seed},
+        yolo_run=str(yolo_run) if yolo_run else None, cascade_conf=conf,
+        score="image score and decision: the YOLO run's (highest box confidence)")
 
 
 def read_spec(run: Path) -> dict:
-    path = Path(run) / "deploy.json"
-    if not path.is_file():
-        raise MissingFileError(f"{path} not found: the SAM run was trained by an older version (retrain it)")
-    spec = json.loads(path.read_text())
-    if spec.get("kind") == "sam":
+    spec = read_deploy_spec(run, ["sam", "sam_cascade"], "the SAM run was trained by an older version (retrain it)")
+    if spec["kind"] == "sam":
         raise ConfigError(f"{run}: SAM needs prompts and new images have none; train it with --yolo-predictions "
                           "(the YOLO -> SAM cascade) to predict, or predict with the YOLO run")
-    if spec.get("kind") != "sam_cascade":
-        raise DataError(f"{path}: a {spec.get('kind')!r} run, not a SAM cascade")
     return spec
 
 

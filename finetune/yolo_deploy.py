@@ -10,18 +10,17 @@ through onnxruntime), so preprocessing (letterbox to ``imgsz``, RGB, /255) and N
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from defectkit.core.atomic import atomic_write_json
+from defectkit.core.deploy_spec import read_deploy_spec, write_deploy_spec
 from defectkit.core.errors import DataError, MissingFileError
 
 log = logging.getLogger("defectkit.finetune")
 
-FORMAT = "defectkit.deploy/1"
 BOX_ATOL = 1.0  # px: |onnx - torch| for boxes; scores within SCORE_ATOL
 SCORE_ATOL = 1e-3
 
@@ -40,26 +39,18 @@ def image_threshold(val_records, val_preds, method: str = "f1", false_alarm_rate
 
 
 def write_spec(run_dir: Path, cfg, spec: dict, names: list[str], thresholds: dict) -> dict:
-    out = {"format": FORMAT, "kind": "yolo", "weights": "weights/best.pt", "model": cfg.model,
-           "family": spec["family"], "task": spec["task"], "imgsz": cfg.imgsz, "conf": cfg.conf, "classes": names,
-           "thresholds": thresholds,
-           "preprocess": {"size": [cfg.imgsz, cfg.imgsz], "resize": "Ultralytics letterbox (aspect kept, pad 114)",
-                          "channel_order": "RGB", "layout": "NCHW", "dtype": "float32", "scale": 1 / 255,
-                          "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
-           "score": "image score = highest box confidence in [0, 1]"}
-    atomic_write_json(Path(run_dir) / "deploy.json", out)
-    return out
+    return write_deploy_spec(
+        run_dir, "yolo", weights="weights/best.pt", model=cfg.model, family=spec["family"], task=spec["task"],
+        imgsz=cfg.imgsz, conf=cfg.conf, classes=names, thresholds=thresholds,
+        preprocess={"size": [cfg.imgsz, cfg.imgsz], "resize": "Ultralytics letterbox (aspect kept, pad 114)",
+                    "channel_order": "RGB", "layout": "NCHW", "dtype": "float32", "scale": 1 / 255,
+                    "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+        score="image score = highest box confidence in [0, 1]")
 
 
 def read_spec(run: Path) -> dict:
-    path = Path(run) / "deploy.json"
-    if not path.is_file():
-        raise MissingFileError(f"{path} not found: the YOLO run was trained by an older version (retrain it; "
-                               "finetune/yolo.py writes the val-fold threshold there)")
-    spec = json.loads(path.read_text())
-    if spec.get("kind") != "yolo":
-        raise DataError(f"{path}: a {spec.get('kind')!r} run, not a YOLO run")
-    return spec
+    return read_deploy_spec(run, ["yolo"], "the YOLO run was trained by an older version (retrain it; "
+                                           "finetune/yolo.py writes the val-fold threshold there)")
 
 
 def load_model(run: Path, spec: dict, backend: str):
