@@ -168,8 +168,19 @@ synth-defects: setup
 bench-sam: convert
 	$(PY) -m defectkit.finetune.bench_sam_cache --data $(CONV_DIR)
 
+# CATEGORY=all: each category's finished runs (YOLO, anomaly MODEL, SAM) compared on its own test fold; always
+# recomputed (cheap), then the summary: one column per model and figure
+FINISHED_RUNS_OF = $$(for r in $(call RUN_OF,yolo,$(YOLO_MODEL)) $(call RUN_OF,anomaly,$(MODEL)) \
+	$(call RUN_OF,sam,$(SAM_MODEL)); do test -f $$r/metrics.json && echo $$r; done)
 compare: setup
+ifeq ($(CATEGORY),all)
+	$(SWEEP) --family compare --force --run '$(WORK)/compare/$(DATA_NAME)-{category}' --out $(SUMMARY_DIR)/compare \
+		--cmd 'runs="$(FINISHED_RUNS_OF)"; test -n "$$runs" || { echo "no finished run for {category}"; exit 1; }; \
+		$(PY) -m defectkit.review.compare --gt $(CONV_OF)/ground_truth.jsonl --runs $$runs \
+		--out $(WORK)/compare/$(DATA_NAME)-{category} -q'
+else
 	$(PY) -m defectkit.review.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR)
+endif
 
 # make app PREDICTIONS="predict output folders": review new images (NG, uncertain) instead of the test fold
 PREDICTIONS ?=
@@ -202,16 +213,44 @@ convert: split
 bench-convert: setup
 	$(PY) -m defectkit.converters.bench_convert $(if $(DATA),--data $(DATA) --scale 1) --category $(CATEGORY)
 
-finetune-yolo: convert
-	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) --out $(YOLO_RUN)
+# CATEGORY=all: one run per category (as the papers report), finished ones skipped, then the summary table
+# (per category and the mean: $(SUMMARY_DIR)/<family>/summary.{md,json,png}); JOBS=1 only writes and prints the
+# per-category commands (jobs.sh) for a scheduler; FORCE=1 reruns finished categories.  review/sweep.py
+SUMMARY_DIR := $(WORK)/summary/$(DATA_NAME)
+SWEEP = $(PY) -m defectkit.review.sweep $(if $(DATA),--data $(DATA)) $(if $(JOBS),--print) $(if $(FORCE),--force)
+RUN_OF = $(WORK)/runs/$(1)/$(DATA_NAME)-{category}-$(2)
+CONV_OF = $(OUT_DIR)/converted/{category}-$(SCHEME)
+SUB_MAKE = $(MAKE) --no-print-directory CATEGORY={category}
 
-finetune-sam: convert
+finetune-yolo: $(if $(filter all,$(CATEGORY)),split,convert)
+ifeq ($(CATEGORY),all)
+	$(SWEEP) --family yolo --run '$(call RUN_OF,yolo,$(YOLO_MODEL))' --out $(SUMMARY_DIR)/yolo-$(YOLO_MODEL) \
+		--cmd '$(SUB_MAKE) $(call RUN_OF,yolo,$(YOLO_MODEL))/metrics.json'
+else
+	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) --out $(YOLO_RUN)
+endif
+
+# with CATEGORY=all, each category's SAM run uses its YOLO run for the cascade when that run exists
+SAM_YOLO_OF = $$(f=$(call RUN_OF,yolo,$(YOLO_MODEL))/predictions.jsonl; test -f $$f && echo --yolo-predictions $$f)
+finetune-sam: $(if $(filter all,$(CATEGORY)),split,convert)
+ifeq ($(CATEGORY),all)
+	$(SWEEP) --family sam --run '$(call RUN_OF,sam,$(SAM_MODEL))' --out $(SUMMARY_DIR)/sam-$(SAM_MODEL) \
+		--cmd '$(SUB_MAKE) $(CONV_OF)/fidelity.json && $(PY) finetune/sam.py --data $(CONV_OF) --model $(SAM_MODEL) \
+		$(SAM_ARGS) --out $(call RUN_OF,sam,$(SAM_MODEL)) $(SAM_YOLO_OF)'
+else
 	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --out $(SAM_RUN) \
 		$(if $(wildcard $(YOLO_RUN)/predictions.jsonl),--yolo-predictions $(YOLO_RUN)/predictions.jsonl)
+endif
 
 anomaly: split
+ifeq ($(CATEGORY),all)
+	$(SWEEP) --family anomaly --run '$(call RUN_OF,anomaly,$(MODEL))' --out $(SUMMARY_DIR)/anomaly-$(MODEL) \
+		--cmd '$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category {category} --manifest $(MANIFEST) \
+		--model $(MODEL) $(ANOMALY_ARGS) --out $(call RUN_OF,anomaly,$(MODEL))'
+else
 	$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(MANIFEST) \
 		--model $(MODEL) $(ANOMALY_ARGS) --out $(ANOMALY_RUN)
+endif
 
 bench-anomaly: split
 	$(PY) -m defectkit.anomaly.bench_models $(if $(DATA),--data $(DATA)) --category $(if $(filter all,$(CATEGORY)),washer,$(CATEGORY)) \

@@ -86,29 +86,35 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
 
 
 class DraemObjective:
-    """One training step's loss: synthesize defects on half the batch, reconstruct, segment."""
+    """One training step's loss: synthesize defects on half the batch, reconstruct, segment.
+
+    Each sample's defect is drawn from its own generator, seeded by (seed, epoch, the sample's key:
+    its position in the epoch), so the same sample gets the same defect in one process or across
+    DDP processes, and after a resume."""
 
     def __init__(self, synthesizer, ssim_lambda: float = 1.0, seed: int = 0):
         self.synth, self.ssim_lambda = synthesizer, ssim_lambda
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.epoch = seed, 0
 
     def reseed(self, seed: int, epoch: int) -> None:
-        self.rng = np.random.default_rng([seed, epoch, 7])
+        self.seed, self.epoch = seed, epoch
 
-    def corrupt(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def corrupt(self, x: np.ndarray, keys=None) -> tuple[np.ndarray, np.ndarray]:
         """``(B, C, H, W)`` good images -> images with defects on about half of them, and masks."""
+        keys = range(len(x)) if keys is None else [int(k) for k in keys]
         out, masks = x.copy(), np.zeros((len(x), *x.shape[2:]), np.float32)
-        for i, img in enumerate(x):
-            if self.rng.random() < 0.5:
+        for i, (img, key) in enumerate(zip(x, keys, strict=True)):
+            rng = np.random.default_rng([self.seed, self.epoch, 7, key])
+            if rng.random() < 0.5:
                 continue  # DRAEM keeps half the samples unaltered, with an empty mask
-            painted, m, _ = self.synth(np.ascontiguousarray(img.transpose(1, 2, 0)), self.rng)
+            painted, m, _ = self.synth(np.ascontiguousarray(img.transpose(1, 2, 0)), rng)
             out[i], masks[i] = painted.transpose(2, 0, 1), m
         return out, masks
 
-    def __call__(self, model: Draem, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model: Draem, x: torch.Tensor, keys=None) -> torch.Tensor:
         import kornia
 
-        aug, masks = self.corrupt(x.detach().cpu().numpy())
+        aug, masks = self.corrupt(x.detach().cpu().numpy(), keys)
         aug_t = torch.from_numpy(aug).to(x.device)
         recon = model(aug_t)
         l2 = torch.mean((recon - x) ** 2)

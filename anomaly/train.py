@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ def check_finite(value, epoch: int, step: int, lr: float) -> None:
 def reconstruction_objective(loss, kl_weight: float = 0.0):
     """The autoencoders' step loss: reconstruct the good image (plus the VAE's KL term)."""
 
-    def objective(model, x):
+    def objective(model, x, keys=None):
         value = loss(x.float(), model(x).float())
         if kl_weight and hasattr(model, "kl"):
             value = value + kl_weight * model.kl
@@ -230,17 +231,35 @@ def reconstruction_objective(loss, kl_weight: float = 0.0):
     return objective
 
 
-def train_one_epoch(model, loader, optimizer, objective, device, epoch: int, cfg: TrainConfig, scaler=None,
-                    progress=None) -> float:
+def train_step(model, objective):
+    """The training objective as one module around ``model``, so that DistributedDataParallel sees
+    every forward (DRAEM runs two subnetworks) and synchronises the gradients of all of them."""
     import torch
 
-    model.train()
+    class TrainStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, keys):
+            return objective(self.model, x, keys)
+
+    return TrainStep()
+
+
+def train_one_epoch(step, loader, optimizer, device, epoch: int, cfg: TrainConfig, scaler=None,
+                    progress=None, dist=None) -> float:
+    """One epoch of ``step`` (:func:`train_step`, in DDP under torchrun); the mean loss over
+    every process's samples."""
+    import torch
+
+    step.train()
     total, n = 0.0, 0
-    for step, (x,) in enumerate(loader):
+    for i, (x, keys) in enumerate(loader):
         x = x.to(device, non_blocking=True)
         with torch.autocast(device_type="cuda", enabled=scaler is not None):
-            value = objective(model, x)
-        check_finite(value.detach(), epoch + 1, step + 1, cfg.lr)
+            value = step(x, keys)
+        check_finite(value.detach(), epoch + 1, i + 1, cfg.lr)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(value).backward()
@@ -253,6 +272,10 @@ def train_one_epoch(model, loader, optimizer, objective, device, epoch: int, cfg
         n += len(x)
         if progress is not None:
             progress.set_postfix(loss=f"{total / n:.4f}")
+    if dist is not None and dist.active:
+        t = torch.tensor([total, float(n)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        total, n = float(t[0]), int(t[1])
     return total / max(n, 1)
 
 
@@ -271,16 +294,43 @@ def device_for(arg: str | None) -> str:
     return arg or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def epoch_loader(dataset, cfg: TrainConfig, epoch: int):
-    """The epoch's loader: its sampling order depends on (seed, epoch) only, so a resumed run
-    draws exactly the batches the uninterrupted run would have drawn."""
+def epoch_order(n: int, cfg: TrainConfig, epoch: int, world: int = 1) -> list[int]:
+    """The epoch's training samples, drawn with replacement (small sets): ``steps_per_epoch`` steps
+    of the global batch ``world * batch``.  It depends on (seed, epoch) only, so a resumed run draws
+    exactly the batches the uninterrupted run would have drawn, and every process draws the same."""
     import torch
 
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    return torch.randint(n, (cfg.steps_per_epoch * cfg.batch * world,), generator=g).tolist()
+
+
+def epoch_loader(dataset, cfg: TrainConfig, epoch: int, dist=None):
+    """This process's loader for the epoch: its share of :func:`epoch_order` (all of it in a single
+    process), each sample keyed by its position in the epoch so that its augmentation and synthetic
+    defect are the same whichever process draws it.  DistributedSampler has no sampling with
+    replacement, hence the explicit shard (:meth:`~defectkit.core.distributed.Dist.shard`)."""
+    import torch
+
+    world = dist.world if dist is not None else 1
+    order = list(enumerate(epoch_order(len(dataset), cfg, epoch, world)))
+    mine = dist.shard(order) if dist is not None else order
     dataset.reseed(cfg.seed, epoch)
-    sampler = torch.utils.data.RandomSampler(range(len(dataset)), replacement=True,
-                                             num_samples=cfg.steps_per_epoch * cfg.batch, generator=g)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.workers)
+    return torch.utils.data.DataLoader(_Keyed(dataset, mine), batch_size=cfg.batch, shuffle=False,
+                                       num_workers=cfg.workers)
+
+
+class _Keyed:
+    """``(position, index)`` pairs over a dataset: item ``j`` is ``dataset.item(index, position)``."""
+
+    def __init__(self, dataset, pairs):
+        self.dataset, self.pairs = dataset, pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, j):
+        pos, idx = self.pairs[j]
+        return self.dataset.item(idx, pos), pos
 
 
 @dataclass
@@ -294,20 +344,23 @@ class TrainState:
 
 
 def fit_reconstruction(cfg: RunConfig, run: Path, train_x: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                       device: str):
-    """Train with checkpoints, resume and early stopping on validation AUROC; returns the best model."""
+                       device: str, dist=None):
+    """Train with checkpoints, resume and early stopping on validation AUROC; returns the best model.
+
+    Under torchrun (``dist`` active) every process trains its share of each global batch in DDP;
+    rank 0 validates, decides early stopping for all, and alone writes checkpoints.  Other ranks
+    return ``(None, history)``."""
     import torch
 
     from defectkit.anomaly.models import build_model
     from defectkit.anomaly.scoring import Scorer
+    from defectkit.core.distributed import Dist
     from defectkit.core.progress import progress
 
+    dist = dist or Dist(device=device)
     m, t, s = cfg.model, cfg.train, cfg.score
     torch.manual_seed(t.seed)
     model = build_model(m.model, train_x.shape[1], m.imgsz, m.base, m.depth, m.latent, m.skips).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=1e-5)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t.epochs))
-    scaler = torch.amp.GradScaler("cuda") if device.startswith("cuda") else None
     if m.model == "draem":
         from defectkit.anomaly.draem import DraemObjective, DraemScorer, build_synthesizer
 
@@ -316,35 +369,49 @@ def fit_reconstruction(cfg: RunConfig, run: Path, train_x: np.ndarray, val_x: np
     else:
         objective = reconstruction_objective(loss_fn(t.loss, t.ssim_lambda), m.kl_weight if m.model == "vae" else 0)
         scorer = Scorer(model, s.map, s.ssim_lambda, None, s.sigma, s.topk, device)
+    step = dist.wrap(train_step(model, objective))  # DDP + SyncBatchNorm under torchrun, else as is
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t.epochs))
+    scaler = torch.amp.GradScaler("cuda") if amp_enabled(device) else None
     state = _resume(run, model, opt, sched, device) if t.resume else TrainState()
     dataset = _Augmented(train_x, t.augment)
-    bar = progress(range(state.epoch + 1, t.epochs), desc=f"{m.model} {cfg.data.category}", disable=t.quiet,
-               initial=state.epoch + 1, total=t.epochs)
+    bar = progress(range(state.epoch + 1, t.epochs), desc=f"{m.model} {cfg.data.category}",
+                   disable=t.quiet or not dist.is_main, initial=state.epoch + 1, total=t.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         if hasattr(objective, "reseed"):
             objective.reseed(t.seed, epoch)  # the epoch's synthetic defects depend on (seed, epoch) only
-        train_loss = train_one_epoch(model, epoch_loader(dataset, t, epoch), opt, objective, device, epoch, t,
-                                     scaler, bar)
+        train_loss = train_one_epoch(step, epoch_loader(dataset, t, epoch, dist), opt, device, epoch, t, scaler,
+                                     bar, dist)
         sched.step()
-        val = evaluate(scorer, val_x, val_y)["auroc"]
-        _step_state(state, epoch, train_loss, val, time.perf_counter() - t0, model, run)
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), **dataclasses.asdict(state)}, run / "last.pt")
+        val = dist.broadcast(evaluate(scorer, val_x, val_y)["auroc"] if dist.is_main else None)
+        _step_state(state, epoch, train_loss, val, time.perf_counter() - t0, model, run, dist.is_main)
+        if dist.is_main:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), **dataclasses.asdict(state)}, run / "last.pt")
         bar.set_postfix(loss=f"{train_loss:.4f}", val_auroc=f"{val:.3f}", best=f"{state.best:.3f}")
         if state.stale >= t.patience:
             log.info("early stop at epoch %d: no validation gain for %d epochs", epoch + 1, state.stale)
             break
+    if not dist.is_main:
+        return None, state.history
     atomic_write_json(run / "history.json", state.history)
     model.load_state_dict(load_checkpoint(run / "best.pt", device)["model"])
     return model.eval(), state.history
 
 
-def _step_state(state: TrainState, epoch: int, train_loss: float, val: float, seconds: float, model, run: Path):
+def amp_enabled(device: str) -> bool:
+    """Mixed precision (autocast + GradScaler) on CUDA only; on CPU it is off."""
+    return str(device).startswith("cuda")
+
+
+def _step_state(state: TrainState, epoch: int, train_loss: float, val: float, seconds: float, model, run: Path,
+                writer: bool = True):
     improved = val > state.best + 1e-4 or state.best < 0
     if improved:
         state.best, state.stale = val, 0
-        atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "val_auroc": val}, run / "best.pt")
+        if writer:
+            atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "val_auroc": val}, run / "best.pt")
     else:
         state.stale += 1
     state.epoch = epoch
@@ -365,40 +432,45 @@ def _resume(run: Path, model, opt, sched, device: str) -> TrainState:
 
 
 class _Augmented:
-    """Training images as a map-style dataset, optionally flipped at random (seeded per epoch)."""
+    """Training images, optionally flipped at random: the draw for a sample depends on (seed, epoch,
+    its position in the epoch) only, the same in one process or many."""
 
     def __init__(self, x: np.ndarray, augment: bool):
         self.x, self.augment = x, augment
-        self.rng = np.random.default_rng(0)
+        self.seed, self.epoch = 0, 0
 
     def reseed(self, seed: int, epoch: int) -> None:
-        self.rng = np.random.default_rng([seed, epoch])
+        self.seed, self.epoch = seed, epoch
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i):
+    def item(self, i: int, pos: int):
         import torch
 
         a = self.x[i]
         if self.augment:
-            if self.rng.random() < 0.5:
+            flip_h, flip_v = np.random.default_rng([self.seed, self.epoch, pos]).random(2) < 0.5
+            if flip_h:
                 a = a[:, :, ::-1]
-            if self.rng.random() < 0.5:
+            if flip_v:
                 a = a[:, ::-1, :]
-        return (torch.from_numpy(np.ascontiguousarray(a)),)
+        return torch.from_numpy(np.ascontiguousarray(a))
 
 
-# -------------------------------------------------------------------------------------- scoring
+# --------------------------------------------------------------------------------------- scoring
 
 
-def build_scorer(cfg: RunConfig, data: CategoryData, run: Path, device: str):
-    """Train (reconstruction) or fit (features) the model; returns ``(scorer, model, history)``."""
+def build_scorer(cfg: RunConfig, data: CategoryData, run: Path, device: str, dist=None):
+    """Train (reconstruction) or fit (features) the model; returns ``(scorer, model, history)``
+    (``(None, None, history)`` on the ranks other than 0 of a torchrun job)."""
     from defectkit.anomaly.scoring import Scorer
 
     if cfg.model.model in RECON_MODELS:
         sel_x, sel_y = selection_set(data, cfg.data.val_fold)
-        model, history = fit_reconstruction(cfg, run, data.fit_x, sel_x, sel_y, device)
+        model, history = fit_reconstruction(cfg, run, data.fit_x, sel_x, sel_y, device, dist)
+        if model is None:
+            return None, None, history
         s = cfg.score
         if cfg.model.model == "draem":
             from defectkit.anomaly.draem import DraemScorer
@@ -493,21 +565,30 @@ def run_folder(cfg: RunConfig, root: Path) -> Path:
     return (cfg.out or default).resolve()
 
 
-def run_category(cfg: RunConfig) -> dict:
-    """Train and score one category; writes the run folder and returns its metrics."""
+def run_category(cfg: RunConfig, dist=None) -> dict:
+    """Train and score one category; writes the run folder and returns its metrics.  In a torchrun
+    job every process trains; rank 0 alone scores and writes (the others return ``{}``)."""
     import torch
+
+    from defectkit.core.distributed import Dist
 
     if cfg.model.input == "fft" and cfg.model.model in FEATURE_MODELS:
         raise ConfigError("--input fft is for the reconstruction models")
+    dist = dist or Dist(device=device_for(cfg.device))
+    if dist.active and cfg.model.model in FEATURE_MODELS:
+        raise ConfigError(f"--model {cfg.model.model} fits no network: run it without torchrun")
     torch.manual_seed(cfg.train.seed)
-    device = device_for(cfg.device)
+    device = dist.device
     data = load_category(cfg)
     run = run_folder(cfg, data.root)
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run / "run_args.json", dataclasses.asdict(cfg))
+    if dist.is_main:
+        atomic_write_json(run / "run_args.json", dataclasses.asdict(cfg))
     t0 = time.perf_counter()
-    scorer, model, history = build_scorer(cfg, data, run, device)
+    scorer, model, history = build_scorer(cfg, data, run, device, dist)
     train_s = time.perf_counter() - t0
+    if not dist.is_main:
+        return {}
     t_inf = time.perf_counter()
     test_maps = scorer.maps(data.test_x)
     infer_s = time.perf_counter() - t_inf
@@ -551,19 +632,42 @@ def _plots(run, cfg, model, data, test_maps, masks, scores, device, pixel_level)
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Train and score one category; ``--category all`` runs every category of the manifest."""
+    """Train and score one category; ``--category all`` runs every category of the manifest into
+    ``OUT/<category>``, skips those already finished with the same arguments, and writes
+    ``OUT/summary.{md,json,png}`` (per category and the mean).  Under torchrun every process runs
+    this; the process group lives as long as the call."""
+    from defectkit.core.distributed import process_group
     from defectkit.datasets.split import resolve_manifest
 
     cfg = RunConfig.from_args(args)
-    if cfg.data.category != "all":
-        return run_category(cfg)
-    _, manifest = resolve_manifest(cfg.data.data, cfg.data.manifest, cfg.data.seed, None)
-    out = {}
-    for cat in manifest["categories"]:
-        sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, category=cat),
-                                  out=cfg.out / cat if cfg.out else None)
-        out[cat] = run_category(sub)
-    return out
+    with process_group(device_for(cfg.device)) as dist:
+        if cfg.data.category != "all":
+            return run_category(cfg, dist)
+        root, manifest = resolve_manifest(cfg.data.data, cfg.data.manifest, cfg.data.seed, None)
+        out, runs = {}, {}
+        for cat in manifest["categories"]:
+            sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, category=cat),
+                                      out=cfg.out / cat if cfg.out else None)
+            runs[cat] = run_folder(sub, root)
+            out[cat] = _finished(sub, runs[cat]) or run_category(sub, dist)
+        if dist.is_main:
+            from defectkit.review.summary import write_summary
+
+            top = cfg.out.resolve() if cfg.out else run_folder(cfg, root)
+            write_summary(top, "anomaly", runs, f"{cfg.model.model} on {len(runs)} categories of {Path(root).name}")
+            print(f"summary (per category and the mean): {top / 'summary.md'}")
+        return out
+
+
+def _finished(cfg: RunConfig, run: Path) -> dict | None:
+    """The metrics of a finished run of exactly this configuration (``--category all`` reruns skip it)."""
+    metrics, args = run / "metrics.json", run / "run_args.json"
+    if cfg.train.resume or not (metrics.is_file() and args.is_file()):
+        return None
+    if json.loads(args.read_text()) != json.loads(json.dumps(dataclasses.asdict(cfg), default=str)):
+        return None
+    log.info("%s: finished with the same arguments in %s, skipped", cfg.data.category, run)
+    return json.loads(metrics.read_text())
 
 
 def write_scores(run: Path, test_e, scores, y) -> None:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         low = sam.image_encoder.img_size // 4
         nc = NoCache(sam, tmp / "none", key)
         t = time.perf_counter()
-        S.train_one_epoch(sam, items, nc, opt, args, rng, low, "cpu", False)
+        S.train_one_epoch(S.sam_loss_module(sam, items, nc, args, low, "cpu"), items, opt, args, rng)
         uncached = time.perf_counter() - t
         cache = EmbeddingCache(sam, tmp / "cache", key)
         t = time.perf_counter()
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         fill = time.perf_counter() - t
         cache.memory.clear()  # read from disk, as a later run does
         t = time.perf_counter()
-        S.train_one_epoch(sam, items, cache, opt, args, rng, low, "cpu", False)
+        S.train_one_epoch(S.sam_loss_module(sam, items, cache, args, low, "cpu"), items, opt, args, rng)
         cached = time.perf_counter() - t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

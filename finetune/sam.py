@@ -34,7 +34,6 @@ import argparse
 import copy
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
@@ -167,56 +166,79 @@ def augmented(items: list[Item], k: int, seed: int) -> list[Item]:
 # -------------------------------------------------------------------------------------- train / evaluate
 
 
-def train_one_epoch(sam, items, cache, opt, cfg: SamTrainConfig, rng, low: int, device: str, epoch: int = 0) -> float:
+def sam_loss_module(sam, items, cache, cfg: SamTrainConfig, low: int, device: str):
+    """The training loss as one module around ``sam``, so that DistributedDataParallel sees the
+    encoder (``--train-encoder``) and the decoder run in its forward.  ``forward(chunk, epoch)``:
+    ``chunk`` is ``[(position in the epoch, image index, instance index)]``; each instance's box
+    jitter and points come from its own generator (seed, epoch, position), so a sample is the same
+    in one process or across DDP processes.  Returns the *sum* of the instances' losses (an empty
+    chunk gives a zero that still touches every trained parameter, so DDP's all-reduce runs)."""
     import torch
 
-    from defectkit.finetune.sam_core import (
-        decode,
-        dice_bce_loss,
-        jitter_boxes,
-        low_res_targets,
-        sample_points,
-    )
+    from defectkit.finetune.sam_core import decode, dice_bce_loss, jitter_boxes, low_res_targets, sample_points
 
+    class SamLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sam = sam
+
+        def forward(self, chunk, epoch: int):
+            if not chunk:  # the last step of an epoch can leave a process nothing
+                return 0.0 * sum(p.reshape(-1)[0] for p in self.parameters() if p.requires_grad)
+            by_image: dict[int, list[tuple[int, int]]] = defaultdict(list)
+            for pos, i, k in chunk:
+                by_image[i].append((pos, k))
+            losses = []
+            for i, pk in by_image.items():
+                it, ks = items[i], [k for _, k in pk]
+                rngs = [np.random.default_rng([cfg.seed, epoch, 11, pos]) for pos, _ in pk]
+                emb = cache.encode(it.rgb, grad=True) if cfg.train_encoder else cache.get(it.rgb).to(device)
+                boxes = np.concatenate([jitter_boxes(it.boxes[[k]], it.hw, r, cfg.jitter) for k, r in
+                                        zip(ks, rngs, strict=True)])
+                pts = (np.concatenate([sample_points(it.masks[[k]], cfg.points, r) for k, r in
+                                       zip(ks, rngs, strict=True)]) if cfg.points else None)
+                logits, _ = decode(self.sam, emb, boxes, it.hw, cache, pts, cfg.train_prompt_encoder)
+                target = low_res_targets(it.masks[ks], it.hw, cache, low).to(device)
+                losses.append(dice_bce_loss(logits, target) * len(ks))
+            return torch.stack(losses).sum()
+
+    return SamLoss()
+
+
+def train_one_epoch(step, items, opt, cfg: SamTrainConfig, rng, epoch: int = 0, dist=None) -> float:
+    """One epoch of ``step`` (:func:`sam_loss_module`, in DDP under torchrun).  Each optimizer step
+    takes a window of ``world * batch`` instances (``--batch`` per process); process ``r`` takes
+    ``window[r::world]`` and scales its loss sum by ``world / len(window)``, so that DDP's gradient
+    average is the mean over the whole window even when the last window is uneven: the same step a
+    single process takes with ``--batch world*batch``.  Returns the mean loss over all instances."""
+    import torch
+
+    sam = step.module.sam if hasattr(step, "module") else step.sam
     sam.mask_decoder.train()
     sam.image_encoder.train(cfg.train_encoder)
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     pairs = [(i, k) for i, it in enumerate(items) for k in range(len(it.boxes))]
-    order = rng.permutation(len(pairs))  # the same on every rank (same seed)
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if dist:  # each rank takes its share of every step's instances; gradients are averaged below
-        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        order = order[: len(order) - len(order) % world].reshape(-1, world)[:, rank]
+    order = [(pos, *pairs[j]) for pos, j in enumerate(rng.permutation(len(pairs)))]  # the same on every rank
     total, n = 0.0, 0
-    train_prompt = cfg.train_prompt_encoder
-    for s in range(0, len(order), cfg.batch):
-        chunk = [pairs[j] for j in order[s : s + cfg.batch]]
-        by_image: dict[int, list[int]] = defaultdict(list)
-        for i, k in chunk:
-            by_image[i].append(k)
-        losses = []
-        for i, ks in by_image.items():
-            it = items[i]
-            emb = cache.encode(it.rgb, grad=True) if cfg.train_encoder else cache.get(it.rgb).to(device)
-            boxes = jitter_boxes(it.boxes[ks], it.hw, rng, cfg.jitter)
-            pts = sample_points(it.masks[ks], cfg.points, rng) if cfg.points else None
-            logits, _ = decode(sam, emb, boxes, it.hw, cache, pts, train_prompt)
-            target = low_res_targets(it.masks[ks], it.hw, cache, low).to(device)
-            losses.append(dice_bce_loss(logits, target) * len(ks))
-        loss = torch.stack(losses).sum() / len(chunk)
-        if not math.isfinite(float(loss.detach())):
+    width = cfg.batch * world
+    for s in range(0, len(order), width):
+        window = order[s : s + width]
+        chunk = window[rank::world]
+        loss_sum = step(chunk, epoch)
+        if not math.isfinite(float(loss_sum.detach())):
             raise TrainingError(
-                f"the training loss became {float(loss)} at epoch {epoch + 1}, step "
-                f"{s // cfg.batch + 1}: lower the learning rate (--lr, now {cfg.lr:g})"
+                f"the training loss became {float(loss_sum)} at epoch {epoch + 1}, step "
+                f"{s // width + 1}: lower the learning rate (--lr, now {cfg.lr:g})"
             )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if dist:
-            for p in (p for g in opt.param_groups for p in g["params"] if p.grad is not None):
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
+        (loss_sum * (world / len(window))).backward()
         opt.step()
-        total += loss.item() * len(chunk)
+        total += float(loss_sum.detach())
         n += len(chunk)
+    if world > 1:
+        t = torch.tensor([total, float(n)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        total, n = float(t[0]), int(t[1])
     return total / max(n, 1)
 
 
@@ -302,22 +324,27 @@ def _load_trained(sam, path: Path, key: str, device: str) -> dict:
     return ck
 
 
-def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: Path, device: str) -> list[dict]:
+def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: Path, device: str,
+        dist=None) -> list[dict]:
     """Train the decoder with per-epoch checkpoints, resume and early stopping on val mean IoU.
 
     With no val instance, selection falls back to the training loss, so ``best.pt`` always exists.
-    """
+    Under torchrun: DDP; rank 0 validates and decides for all, and alone writes checkpoints."""
     import torch
 
+    from defectkit.core.distributed import Dist
     from defectkit.core.progress import progress
 
+    dist = dist or Dist(device=device)
     for p in sam.image_encoder.parameters():
         p.requires_grad_(cfg.train_encoder)
     cache.live = cfg.train_encoder  # a trained encoder's embeddings change every step: never cached
     for p in sam.prompt_encoder.parameters():
         p.requires_grad_(cfg.train_prompt_encoder)
-    opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     low = sam.image_encoder.img_size // 4
+    # the IoU head is not trained (masks are scored from their own logits): DDP must allow unused parameters
+    step = dist.wrap(sam_loss_module(sam, train_items, cache, cfg, low, device), find_unused=True)
+    opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, best, stale, history = 0, -math.inf, 0, []
     last = run / "last.pt"
     if cfg.resume:
@@ -326,12 +353,16 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
         ck = _load_trained(sam, last, key, device)
         opt.load_state_dict(ck["optimizer"])
         start, best, stale, history = ck["epoch"] + 1, ck["best_val_iou"], ck["stale"], ck["history"]
-    bar = progress(range(start, cfg.epochs), desc="SAM decoder", disable=cfg.quiet, initial=start, total=cfg.epochs)
+    bar = progress(range(start, cfg.epochs), desc="SAM decoder", disable=cfg.quiet or not dist.is_main,
+                   initial=start, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])  # per epoch: a resumed run replays the same draws
-        loss = train_one_epoch(sam, train_items, cache, opt, cfg, rng, low, device, epoch)
-        val = instance_scores(val_items, predict(sam, val_items, cache, device))["iou"] if val_items else -loss
+        loss = train_one_epoch(step, train_items, opt, cfg, rng, epoch, dist)
+        val = loss
+        if dist.is_main:
+            val = instance_scores(val_items, predict(sam, val_items, cache, device))["iou"] if val_items else -loss
+        val = dist.broadcast(val)
         improved = val > best + 1e-4
         best, stale = (val, 0) if improved else (best, stale + 1)
         history.append(
@@ -351,15 +382,17 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
             "history": history,
             "selected_on": "val mean IoU" if val_items else "train loss (no val instance)",
         }
-        if improved:
-            atomic_torch_save({**_state(sam, cfg), **meta}, run / "best.pt")
-        atomic_torch_save({**_state(sam, cfg), "optimizer": opt.state_dict(), **meta}, last)
+        if dist.is_main:
+            if improved:
+                atomic_torch_save({**_state(sam, cfg), **meta}, run / "best.pt")
+            atomic_torch_save({**_state(sam, cfg), "optimizer": opt.state_dict(), **meta}, last)
         bar.set_postfix(loss=f"{loss:.3f}", val_iou=f"{val:.3f}")
         if stale >= cfg.patience:
             log.info("early stop at epoch %d", epoch + 1)
             break
-    atomic_write_json(run / "history.json", history)
-    _load_trained(sam, run / "best.pt", key, device)
+    if dist.is_main:
+        atomic_write_json(run / "history.json", history)
+        _load_trained(sam, run / "best.pt", key, device)
     return history
 
 
@@ -457,19 +490,6 @@ def default_data() -> Path:
     return WORK / "out" / "defectkit_synth" / "converted" / "all-defect"
 
 
-def _distributed(device: str) -> tuple[bool, int, str]:
-    """torchrun: one process per GPU; the decoder's gradients are all-reduced."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False, 0, device
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    return True, torch.distributed.get_rank(), device
-
-
 @dataclass
 class SamData:
     header: dict
@@ -517,16 +537,27 @@ def score_fine_tuned(sam, cache, test_items, d: SamData, key: str, model: str, r
 def main(args: argparse.Namespace) -> dict:
     import torch
 
+    from defectkit.core.distributed import process_group
+
+    with process_group(args.device or ("cuda" if torch.cuda.is_available() else "cpu")) as dist:
+        return _main(args, dist)
+
+
+def _main(args: argparse.Namespace, dist) -> dict:
+    """Train and score; under torchrun every process trains its share, rank 0 alone scores and writes."""
+    import torch
+
     from defectkit.finetune.sam_core import EmbeddingCache, load_sam
 
     cfg = SamTrainConfig.from_args(args)
     torch.manual_seed(cfg.seed)
-    distributed, rank, device = _distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = dist.device
     conv = args.data or default_data()
     d = load_sam_data(conv, args.category, args.augment, cfg.seed)
     run = (args.out or WORK / "runs" / "sam" / f"{conv.name}-{cfg.model}").resolve()
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run / "run_args.json", vars(args))
+    if dist.is_main:
+        atomic_write_json(run / "run_args.json", vars(args))
     sam, key = load_sam(cfg.model, args.checkpoint, args.imgsz, cfg.seed)
     sam.to(device)
     cache = EmbeddingCache(sam, args.cache, key, device)
@@ -537,11 +568,11 @@ def main(args: argparse.Namespace) -> dict:
     embed_s = time.perf_counter() - t0
     log.info("embeddings: %d computed, %d from the cache (%.1fs)", cache.misses, cache.hits, embed_s)
     base_state = copy.deepcopy(sam.mask_decoder.state_dict())
-    zero_shot = instance_scores(test_inst, predict(sam, test_inst, cache, device))
+    zero_shot = instance_scores(test_inst, predict(sam, test_inst, cache, device)) if dist.is_main else None
     t1 = time.perf_counter()
-    history = fit(sam, key, d.train, d.val, cache, cfg, run, device) if cfg.epochs > 0 else []
+    history = fit(sam, key, d.train, d.val, cache, cfg, run, device, dist) if cfg.epochs > 0 else []
     train_s = time.perf_counter() - t1
-    if distributed and rank != 0:
+    if not dist.is_main:
         return {}
     metrics = {"model": cfg.model, "base": key, "data": str(conv),
                "train_instances": sum(len(i.boxes) for i in d.train), "test_instances": zero_shot["instances"],

@@ -257,10 +257,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_history(synthetic_ro
 
     real = T.train_one_epoch
 
-    def dies_in_epoch_3(model, loader, opt, objective, device, epoch, *a, **k):
+    def dies_in_epoch_3(step, loader, opt, device, epoch, *a, **k):
         if epoch == 2:
             raise KeyboardInterrupt("killed")
-        return real(model, loader, opt, objective, device, epoch, *a, **k)
+        return real(step, loader, opt, device, epoch, *a, **k)
 
     monkeypatch.setattr(T, "train_one_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):

@@ -147,10 +147,10 @@ def test_an_interrupted_sam_run_resumes_to_the_same_decoder(conv, tmp_path, monk
     full = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)
     real = S.train_one_epoch
 
-    def dies_in_epoch_3(sam, items, cache, opt, cfg, rng, low, device, epoch=0):
+    def dies_in_epoch_3(step, items, opt, cfg, rng, epoch=0, dist=None):
         if epoch == 2:
             raise KeyboardInterrupt("killed")
-        return real(sam, items, cache, opt, cfg, rng, low, device, epoch)
+        return real(step, items, opt, cfg, rng, epoch, dist)
 
     monkeypatch.setattr(S, "train_one_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):

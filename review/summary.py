@@ -1,0 +1,139 @@
+"""Per-category figures and their mean, in the layout of the papers (one row per category, a mean row).
+
+    summarize({"bottle": {"image AUROC": 0.99}, "screw": {"image AUROC": 0.91}}, ["image AUROC"])
+
+:func:`summarize` is pure (tested with hand-computed means); :func:`write_summary` writes
+``summary.md``, ``summary.json`` and ``summary.png`` (a grouped bar chart) for a family of runs.
+A category without a figure (a failed run, a metric the model has no way to compute) shows ``-``
+and is left out of the mean, whose row says over how many categories it was taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from defectkit.core.atomic import atomic_write_json, atomic_write_text
+
+# the figures each family reports, and where they sit in its metrics file
+COLUMNS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "anomaly": [("image AUROC", ("image", "auroc")), ("pixel AUROC", ("pixel", "auroc")),
+                ("AUPRO", ("pixel", "aupro")), ("pixel AP", ("pixel", "ap")), ("train s", ("train_seconds",))],
+    "yolo": [("mAP50", ("ultralytics", "map50")), ("mAP50-95", ("ultralytics", "map50_95")),
+             ("mAP50 (pycocotools)", ("pycocotools", "bbox", "map50")), ("image AUROC", ("image_auroc",)),
+             ("train s", ("train_seconds",))],
+    "sam": [("mask IoU (GT boxes)", ("fine_tuned", "iou")), ("zero-shot IoU", ("zero_shot", "iou")),
+            ("cascade pixel IoU", ("cascade", "pixel_iou_per_image")),
+            ("cascade mask AP50", ("cascade", "mask_ap", "map50")), ("train s", ("train_seconds",))],
+}
+# per model in a comparison (comparison.json's runs)
+COMPARE_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
+    ("image AUROC", ("image_auroc",)), ("pixel AUROC", ("pixel_auroc",)),
+    ("mAP50 (agnostic)", ("det_class_agnostic", "map50")), ("pixel IoU", ("pixel_iou",)),
+]
+METRICS_FILE = {"anomaly": "metrics.json", "yolo": "metrics.json", "sam": "metrics.json",
+                "compare": "comparison.json"}
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return None if math.isnan(v) else float(v)
+
+
+def lookup(metrics: Mapping, path: Sequence[str]) -> float | None:
+    """``metrics[path[0]][path[1]]...`` as a float; None where missing or not a number (NaN included)."""
+    v = metrics
+    for k in path:
+        if not isinstance(v, Mapping) or k not in v:
+            return None
+        v = v[k]
+    return _number(v)
+
+
+def summarize(per_category: Mapping[str, Mapping[str, float | None]], columns: Sequence[str]) -> dict:
+    """Rows per category (in the given order) and the mean of each column over the categories that
+    have it: ``{"columns", "rows": {cat: {col: v}}, "mean": {col: v}, "n": {col: k}}``."""
+    rows = {c: {col: _number(vals.get(col)) for col in columns} for c, vals in per_category.items()}
+    mean, n = {}, {}
+    for col in columns:
+        got = [r[col] for r in rows.values() if r[col] is not None]
+        n[col] = len(got)
+        mean[col] = sum(got) / len(got) if got else None
+    return {"columns": list(columns), "rows": rows, "mean": mean, "n": n}
+
+
+def family_values(family: str, metrics: Mapping) -> dict[str, float | None]:
+    """The columns of one run's metrics file (``comparison.json`` for ``compare``: one column per
+    model and figure, ``"<model>: <figure>"``)."""
+    if family == "compare":
+        return {f"{r['name']}: {label}": lookup(r, path) for r in metrics.get("runs", []) for label, path in
+                COMPARE_COLUMNS}
+    return {label: lookup(metrics, path) for label, path in COLUMNS[family]}
+
+
+def _fmt(v: float | None, col: str) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if col.endswith(" s") else f"{v:.3f}"
+
+
+def markdown(summary: Mapping, title: str = "") -> str:
+    cols = summary["columns"]
+    lines = [f"{title}\n" if title else "", "| category | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for cat, row in summary["rows"].items():
+        lines.append(f"| {cat} | " + " | ".join(_fmt(row[c], c) for c in cols) + " |")
+    k = len(summary["rows"])
+    mean_cells = [_fmt(summary["mean"][c], c) + ("" if summary["n"][c] in (0, k) else f" (of {summary['n'][c]})")
+                  for c in cols]
+    lines.append(f"| **mean ({k})** | " + " | ".join(mean_cells) + " |")
+    return "\n".join(line for line in lines if line != "") + "\n"
+
+
+def plot(summary: Mapping, path: Path, title: str = "") -> None:
+    """Grouped bars: one group per category (and the mean), one bar per figure in [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = [c for c in summary["columns"] if not c.endswith(" s")]
+    cats = [*summary["rows"], "mean"]
+    table = [*summary["rows"].values(), summary["mean"]]
+    x = np.arange(len(cats))
+    width = 0.8 / max(len(cols), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cats) + 2), 4))
+    for i, col in enumerate(cols):
+        vals = [r[col] if r[col] is not None else 0.0 for r in table]
+        ax.bar(x + (i - (len(cols) - 1) / 2) * width, vals, width, label=col)
+    ax.set_xticks(x, cats, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_summary(out: Path, family: str, runs: Mapping[str, Path | None], title: str = "") -> dict:
+    """Read each category's run (``None``: not run / failed) and write the summary files to ``out``."""
+    per_category, sources = {}, {}
+    for cat, run in runs.items():
+        f = Path(run) / METRICS_FILE[family] if run is not None else None
+        metrics = json.loads(f.read_text()) if f is not None and f.is_file() else {}
+        per_category[cat] = family_values(family, metrics)
+        sources[cat] = str(f) if metrics else None
+    columns = list(dict.fromkeys(c for vals in per_category.values() for c in vals))
+    summary = summarize(per_category, columns)
+    title = title or f"{family}: {len(runs)} categories"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "summary.json", {"family": family, "title": title, **summary, "sources": sources})
+    atomic_write_text(out / "summary.md", markdown(summary, f"**{title}**"))
+    plot(summary, out / "summary.png", title)
+    return summary
