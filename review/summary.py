@@ -92,27 +92,41 @@ def markdown(summary: Mapping, title: str = "") -> str:
     return "\n".join(line for line in lines if line != "") + "\n"
 
 
-def plot(summary: Mapping, path: Path, title: str = "") -> None:
-    """Grouped bars: one group per category (and the mean), one bar per figure in [0, 1]."""
+def by_figure(summary: Mapping) -> dict[str, dict]:
+    """A comparison's summary (columns ``"<model>: <figure>"``) as one summary per figure whose
+    columns are the models: the readable layout when several models are compared."""
+    figures = list(dict.fromkeys(c.rsplit(": ", 1)[1] for c in summary["columns"]))
+    out = {}
+    for fig in figures:
+        cols = [c for c in summary["columns"] if c.endswith(f": {fig}")]
+        models = [c.rsplit(": ", 1)[0] for c in cols]
+        per_cat = {cat: {m: row[c] for m, c in zip(models, cols, strict=True)} for cat, row in summary["rows"].items()}
+        out[fig] = summarize(per_cat, models)
+    return out
+
+
+def plot(tables: Mapping[str, Mapping], path: Path, title: str = "") -> None:
+    """One panel per table: grouped bars, a group per category (and the mean), a bar per column."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    cols = [c for c in summary["columns"] if not c.endswith(" s")]
-    cats = [*summary["rows"], "mean"]
-    table = [*summary["rows"].values(), summary["mean"]]
-    x = np.arange(len(cats))
-    width = 0.8 / max(len(cols), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cats) + 2), 4))
-    for i, col in enumerate(cols):
-        vals = [r[col] if r[col] is not None else 0.0 for r in table]
-        ax.bar(x + (i - (len(cols) - 1) / 2) * width, vals, width, label=col)
-    ax.set_xticks(x, cats, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncols=2)
+    fig, axes = plt.subplots(1, len(tables), figsize=(max(6.0, 4.5 * len(tables)), 4), squeeze=False)
+    for ax, (name, summary) in zip(axes[0], tables.items(), strict=True):
+        cols = [c for c in summary["columns"] if not c.endswith(" s")]
+        cats = [*summary["rows"], "mean"]
+        rows = [*summary["rows"].values(), summary["mean"]]
+        x = np.arange(len(cats))
+        width = 0.8 / max(len(cols), 1)
+        for i, col in enumerate(cols):
+            ax.bar(x + (i - (len(cols) - 1) / 2) * width, [r[col] or 0.0 for r in rows], width, label=col)
+        ax.set_xticks(x, cats, rotation=30, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -122,7 +136,8 @@ def plot(summary: Mapping, path: Path, title: str = "") -> None:
 
 
 def write_summary(out: Path, family: str, runs: Mapping[str, Path | None], title: str = "") -> dict:
-    """Read each category's run (``None``: not run / failed) and write the summary files to ``out``."""
+    """Read each category's run (``None``: not run / failed) and write the summary files to ``out``.
+    A comparison gets one table per figure (image AUROC, pixel AUROC, ...) with a column per model."""
     per_category, sources = {}, {}
     for cat, run in runs.items():
         f = Path(run) / METRICS_FILE[family] if run is not None else None
@@ -132,8 +147,12 @@ def write_summary(out: Path, family: str, runs: Mapping[str, Path | None], title
     columns = list(dict.fromkeys(c for vals in per_category.values() for c in vals))
     summary = summarize(per_category, columns)
     title = title or f"{family}: {len(runs)} categories"
+    tables = by_figure(summary) if family == "compare" else {family: summary}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "summary.json", {"family": family, "title": title, **summary, "sources": sources})
-    atomic_write_text(out / "summary.md", markdown(summary, f"**{title}**"))
-    plot(summary, out / "summary.png", title)
+    atomic_write_json(out / "summary.json", {"family": family, "title": title, **summary, "tables": tables,
+                                             "sources": sources})
+    text = f"**{title}**\n\n" + "\n".join(
+        (f"{name}:\n\n" if family == "compare" else "") + markdown(t) for name, t in tables.items())
+    atomic_write_text(out / "summary.md", text)
+    plot(tables, out / "summary.png", title)
     return summary

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import subprocess
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from defectkit.core.atomic import atomic_write_text
 from defectkit.core.errors import ConfigError, TrainingError
-from defectkit.review.summary import METRICS_FILE, markdown, write_summary
+from defectkit.review.summary import METRICS_FILE, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def jobs(cats: list[str], run: str, cmd: str) -> list[tuple[str, Path, str]]:
     """``(category, run folder, command)`` per category; the category is shell-quoted in commands."""
     if "{category}" not in run or "{category}" not in cmd:
         raise ConfigError("--run and --cmd must both contain {category}")
+    cmd = re.sub(r"\\\n\s*", " ", cmd).strip()  # a Makefile's continued lines, joined
     return [(c, Path(run.replace("{category}", c)), cmd.replace("{category}", shlex.quote(c))) for c in cats]
 
 
@@ -76,7 +78,7 @@ def sweep(family: str, todo: list[tuple[str, Path, str]], out: Path, force: bool
     summary = write_summary(out, family, {c: r for c, r, _ in todo},
                             f"{family} on {len(todo)} categories" + (f" ({len(failed)} failed)" if failed else ""))
     print()
-    print(markdown(summary))
+    print((out / "summary.md").read_text())
     print(f"summary: {out / 'summary.md'} (also summary.json, summary.png)")
     if failed:
         raise TrainingError(f"{len(failed)} of {len(todo)} categories failed: {', '.join(failed)} "
