@@ -26,10 +26,11 @@ import os
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from defectkit.converters import canonical, label_formats
@@ -71,7 +72,8 @@ class ConvertConfig:
     copy_images: bool = False
     train_good: int = 0  # how many of the dataset's train/good images to add as train backgrounds
     coco_polygons: bool = False
-    workers: int = 1
+    workers: int = 1  # processes; with 1, ``threads`` threads share the per-image work
+    threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     license: str = "mvtec_ad"
     verify: bool = True  # redraw what was written and compare with the source masks
 
@@ -103,6 +105,7 @@ class ImageResult:
     fidelity: dict = field(default_factory=dict)
     skipped: str | None = None
     dropped_small: int = 0
+    crops: list[np.ndarray] = field(default_factory=list)  # instance masks inside their boxes, for verification
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,6 +114,36 @@ def _empty_png(hw: tuple[int, int]) -> bytes:
     import cv2
 
     return cv2.imencode(".png", np.zeros(hw, np.uint8))[1].tobytes()
+
+
+def source_iou(drawn: np.ndarray, source: np.ndarray) -> float:
+    """IoU of two same-size masks (non-zero = defect; 1.0 when both are empty), computed with
+    OpenCV's SIMD pixel counts over the image and the intersection (``min`` of the two: non-zero
+    where both are) inside the source's defect box only (outside it the source is empty, so nothing
+    intersects there): exact, and cheap."""
+
+    a = drawn if drawn.dtype == np.uint8 else (drawn != 0).astype(np.uint8)
+    b = source if source.dtype == np.uint8 else (source != 0).astype(np.uint8)
+    na, nb = cv2.countNonZero(a), cv2.countNonZero(b)
+    x, y, w, h = cv2.boundingRect(b)
+    inter = cv2.countNonZero(cv2.min(a[y : y + h, x : x + w], b[y : y + h, x : x + w])) if w and h else 0
+    union = na + nb - inter
+    return inter / union if union else 1.0
+
+
+def _kept_iou(crops: list[np.ndarray], boxes: np.ndarray, source: np.ndarray) -> float:
+    """:func:`source_iou` of the instances' union against the source, drawn inside the source's
+    defect box only (instances lie inside it: they are its connected regions)."""
+    if not crops:
+        return 1.0 if not cv2.countNonZero(source) else 0.0
+    x, y, w, h = cv2.boundingRect(source)
+    win = np.zeros((h, w), np.uint8)
+    for c, (x0, y0, x1, y1) in zip(crops, boxes, strict=True):
+        win[y0 - y : y1 - y, x0 - x : x1 - x] |= c
+    src = source[y : y + h, x : x + w]
+    inter = cv2.countNonZero(cv2.min(win, src))
+    union = cv2.countNonZero(win) + cv2.countNonZero(source) - inter
+    return inter / union if union else 1.0
 
 
 def flat_name(e: ManifestEntry) -> str:
@@ -131,14 +164,12 @@ def _mask_instances(root: Path, e: ManifestEntry, img_path: Path, hw, class_to_i
             f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image {img_path} "
             f"is {hw[1]}x{hw[0]}"
         )
-    source = raw if raw.dtype == np.uint8 else raw > 0  # > 0 is defect; kept raw for speed
-    if not source.any():
+    source = raw if raw.dtype == np.uint8 else (raw > 0).astype(np.uint8)  # > 0 is defect; kept raw for speed
+    if not cv2.countNonZero(source):
         res.skipped = "empty mask on a defect image (kept for image-level metrics only)"
         return source, None
     cid = class_to_id[class_name(e.category, e.defect_type, cfg.scheme)]
     inst = mask_to_instances(source, cid)
-    if cfg.verify:
-        source = source > 0
     if cfg.min_area > 0:
         n_all = len(inst)
         inst = select(inst, inst.areas >= cfg.min_area)
@@ -149,7 +180,7 @@ def _mask_instances(root: Path, e: ManifestEntry, img_path: Path, hw, class_to_i
 def _build_formats(res: ImageResult, inst, e: ManifestEntry, hw, ch: int, img_path: Path, source: np.ndarray,
                    cfg: ConvertConfig, label_map_dir) -> dict[str, dict]:
     """Every requested format of one image, in memory (label maps written).  The label files are
-    checked after they are written, from the files themselves (:func:`_verify_written`)."""
+    checked after they are written, from the files themselves (:func:`_verify_image`)."""
     fid: dict[str, dict] = {}
     verify = cfg.verify
 
@@ -175,13 +206,16 @@ def _build_formats(res: ImageResult, inst, e: ManifestEntry, hw, ch: int, img_pa
         png = _empty_png(hw) if not len(inst) else cv2.imencode(".png", lm)[1].tobytes()
         out.write_bytes(png)
         if verify:  # the PNG round trip itself is OpenCV's job (and tested in tests/test_convert.py)
-            fid["label_maps"] = {"image_iou": mask_iou(lm > 0, source, empty=1.0) if e.mask else None}
+            fid["label_maps"] = {"image_iou": source_iou(lm, source) if e.mask else None}
     return fid
 
 
 def _convert_one(args: tuple) -> ImageResult:
-    """Pure-ish worker: read one mask, build every format in memory, redraw and score it."""
-    e_dict, data_root, class_to_id, cfg, label_map_dir = args
+    """One image, start to end: read its mask, build every format, write the image's own files into
+    the output folder ``tmp`` and (``cfg.verify``) read them back and score them.  Each image writes
+    only its own files, so images run in any order, on threads or processes, with the same bytes."""
+    e_dict, data_root, class_to_id, cfg, tmp, yaml_names = args
+    label_map_dir = Path(tmp) / "label_maps"
     e = ManifestEntry(**e_dict)
     root = Path(data_root)
     img_path = root / e.image
@@ -204,9 +238,14 @@ def _convert_one(args: tuple) -> ImageResult:
     res.rles = [encode_rle(m, b) for m, b in zip(inst.masks, inst.boxes_xyxy, strict=True)]
     fid = _build_formats(res, inst, e, hw, ch, img_path, source, cfg, label_map_dir)
     if cfg.verify and e.mask:
-        kept = inst.masks.any(0) if len(inst) else np.zeros(hw, bool)
-        fid["kept_vs_source_iou"] = mask_iou(kept, source, empty=1.0)
+        res.crops = [m[y0:y1, x0:x1] for m, (x0, y0, x1, y1) in zip(inst.masks, inst.boxes_xyxy.astype(int),
+                                                                    strict=True)]
+        fid["kept_vs_source_iou"] = _kept_iou(res.crops, inst.boxes_xyxy.astype(int), source)
     res.fidelity = fid
+    _write_image_files(Path(tmp), res, cfg)
+    if cfg.verify:
+        _verify_image(Path(tmp), res, cfg, yaml_names)
+    res.crops = []  # only the check needed them
     return res
 
 
@@ -270,29 +309,36 @@ def convert(
     folds = [f for f in FOLDS if any(e.fold == f for e in chosen)]
 
     with atomic_dir(out) as tmp:
-        jobs = [(asdict(e), str(data_root), class_to_id, cfg, str(tmp / "label_maps")) for e in chosen]
+        _prepare_folders(tmp, out, classes, folds, cfg)
+        names = _class_ids(tmp / "yolo" / "data.yaml") if "yolo" in cfg.formats else {}
+        jobs = [(asdict(e), str(data_root), class_to_id, cfg, str(tmp), names) for e in chosen]
         if cfg.workers > 1:
             with ProcessPoolExecutor(cfg.workers) as pool:
                 it = pool.map(_convert_one, jobs, chunksize=8)
                 results = list(bar(it, total=len(jobs), desc="convert", disable=not progress))
-        else:
-            results = [_convert_one(j) for j in bar(jobs, desc="convert", disable=not progress)]
+        else:  # threads: decoding, encoding and file calls release the GIL; results keep their order
+            with ThreadPoolExecutor(cfg.threads) as pool:
+                results = list(bar(pool.map(_convert_one, jobs), total=len(jobs), desc="convert",
+                                   disable=not progress))
         report = _write_outputs(tmp, out, results, classes, folds, cfg, data_root, manifest)
     log.info("conversion written to %s", out)
     return report
 
 
-def _write_yolo(tmp: Path, final: Path, used: list[ImageResult], classes: list[str], folds: list[str],
-                cfg: ConvertConfig) -> None:
-    for fmt, key in (("yolo", "yolo"), ("yolo_seg", "yolo_seg")):
+def _prepare_folders(tmp: Path, final: Path, classes: list[str], folds: list[str], cfg: ConvertConfig) -> None:
+    """Every folder the images write into, and the YOLO ``data.yaml`` files, before any image runs;
+    each image's own files are written by :func:`_write_image_files`."""
+    if "voc" in cfg.formats:
+        (tmp / "voc" / "Annotations").mkdir(parents=True, exist_ok=True)
+    if "label_maps" in cfg.formats:
+        for fold in folds:
+            (tmp / "label_maps" / fold).mkdir(parents=True, exist_ok=True)
+    for fmt in ("yolo", "yolo_seg"):
         if fmt not in cfg.formats:
             continue
-        for r in used:
-            suffix = Path(r.image_abs).suffix
-            _link_or_copy(r.image_abs, tmp / fmt / "images" / r.fold / f"{r.name}{suffix}", cfg.copy_images)
-            (tmp / fmt / "labels" / r.fold).mkdir(parents=True, exist_ok=True)
-            text = getattr(r, key)
-            (tmp / fmt / "labels" / r.fold / f"{r.name}.txt").write_text(text + "\n" if text else "")
+        for fold in folds:
+            (tmp / fmt / "images" / fold).mkdir(parents=True, exist_ok=True)
+            (tmp / fmt / "labels" / fold).mkdir(parents=True, exist_ok=True)
         note = (
             "YOLO detection labels by defectkit"
             if fmt == "yolo"
@@ -301,30 +347,38 @@ def _write_yolo(tmp: Path, final: Path, used: list[ImageResult], classes: list[s
         (tmp / fmt / "data.yaml").write_text(_data_yaml(tmp / fmt, classes, folds, final / fmt, note))
 
 
-def _verify_written(tmp: Path, used: list[ImageResult], cfg: ConvertConfig) -> None:
-    """Fidelity of what is on disk: every YOLO, YOLO-seg and VOC label file is read back, parsed
-    and redrawn, and compared with the image's instances (decoded from their RLE).  A fault in the
-    writing (a shifted box, a lost vertex, labels under another image's name) shows here."""
-    names = {}
-    for r in used:
-        hw = r.image_hw
-        boxes, cls_names = np.asarray(r.boxes, float).reshape(-1, 4), r.labels
-        if "yolo" in cfg.formats:
-            text = (tmp / "yolo" / "labels" / r.fold / f"{r.name}.txt").read_text()
-            pb, pc = label_formats.parse_yolo_box_lines(text, hw)
-            ok_n = len(pb) == len(boxes)
-            ious = np.diag(box_iou(pb, boxes)).tolist() if ok_n and len(boxes) else ([] if ok_n else [0.0])
-            names = names or _class_ids(tmp / "yolo" / "data.yaml")
-            r.fidelity["yolo"] = {"instance_iou": ious,
-                                  "classes_ok": ok_n and [names[int(c)] for c in pc] == list(cls_names)}
-        if "yolo_seg" in cfg.formats:
-            text = (tmp / "yolo_seg" / "labels" / r.fold / f"{r.name}.txt").read_text()
-            masks = [decode_rle(x) for x in r.rles]  # decoded only for the polygon check that needs them
-            r.fidelity["yolo_seg"] = _seg_fidelity(label_formats.parse_yolo_seg_lines(text, hw), masks, boxes, hw)
-        if "voc" in cfg.formats:
-            vb, vn = label_formats.parse_voc_xml((tmp / "voc" / "Annotations" / f"{r.name}.xml").read_text())
-            ok = len(vb) == len(boxes) and np.allclose(vb, boxes) and vn == list(cls_names)
-            r.fidelity["voc"] = {"exact": bool(ok)}
+def _write_image_files(tmp: Path, r: ImageResult, cfg: ConvertConfig) -> None:
+    """One image's files in every per-image format (image links, YOLO / YOLO-seg labels, VOC XML)."""
+    for fmt in ("yolo", "yolo_seg"):
+        if fmt in cfg.formats:
+            suffix = Path(r.image_abs).suffix
+            _link_or_copy(r.image_abs, tmp / fmt / "images" / r.fold / f"{r.name}{suffix}", cfg.copy_images)
+            text = getattr(r, fmt)
+            (tmp / fmt / "labels" / r.fold / f"{r.name}.txt").write_text(text + "\n" if text else "")
+    if "voc" in cfg.formats:
+        (tmp / "voc" / "Annotations" / f"{r.name}.xml").write_text(r.voc)
+
+
+def _verify_image(tmp: Path, r: ImageResult, cfg: ConvertConfig, names: dict[int, str]) -> None:
+    """Fidelity of what is on disk for one image: its YOLO, YOLO-seg and VOC label files are read
+    back, parsed and redrawn, and compared with the image's instances.  A fault in the writing (a
+    shifted box, a lost vertex, labels under another image's name) shows here."""
+    hw = r.image_hw
+    boxes, cls_names = np.asarray(r.boxes, float).reshape(-1, 4), r.labels
+    if "yolo" in cfg.formats:
+        text = (tmp / "yolo" / "labels" / r.fold / f"{r.name}.txt").read_text()
+        pb, pc = label_formats.parse_yolo_box_lines(text, hw)
+        ok_n = len(pb) == len(boxes)
+        ious = np.diag(box_iou(pb, boxes)).tolist() if ok_n and len(boxes) else ([] if ok_n else [0.0])
+        r.fidelity["yolo"] = {"instance_iou": ious,
+                              "classes_ok": ok_n and [names[int(c)] for c in pc] == list(cls_names)}
+    if "yolo_seg" in cfg.formats:
+        text = (tmp / "yolo_seg" / "labels" / r.fold / f"{r.name}.txt").read_text()
+        r.fidelity["yolo_seg"] = _seg_fidelity(label_formats.parse_yolo_seg_lines(text, hw), r.crops, boxes, hw)
+    if "voc" in cfg.formats:
+        vb, vn = label_formats.parse_voc_xml((tmp / "voc" / "Annotations" / f"{r.name}.xml").read_text())
+        ok = len(vb) == len(boxes) and np.allclose(vb, boxes) and vn == list(cls_names)
+        r.fidelity["voc"] = {"exact": bool(ok)}
 
 
 def _class_ids(data_yaml: Path) -> dict[int, str]:
@@ -333,22 +387,34 @@ def _class_ids(data_yaml: Path) -> dict[int, str]:
     return {int(k): v for k, v in yaml.safe_load(data_yaml.read_text())["names"].items()}
 
 
-def _seg_fidelity(parsed, masks: list[np.ndarray], boxes: np.ndarray, hw) -> dict:
+def _seg_fidelity(parsed, crops: list[np.ndarray], boxes: np.ndarray, hw) -> dict:
     """Each polygon redrawn against its instance (inside the window holding both), and the union
-    of the polygons against the union of the instances."""
-    if len(parsed) != len(masks):
+    of the polygons against the union of the instances (inside the window holding them all).
+    ``crops`` are the instances' masks inside their boxes (instances are empty outside them), so
+    nothing here is image-sized: the cost follows the defects."""
+    if len(parsed) != len(crops):
         return {"instance_iou": [0.0], "image_iou": 0.0}
-    union = np.zeros(hw, bool)
-    ious = []
-    for (_, p), m, box in zip(parsed, masks, boxes, strict=True):
+    if not crops:
+        return {"instance_iou": [], "image_iou": None}
+    boxes = np.asarray(boxes, int).reshape(-1, 4)
+    wins = []
+    for (_, p), box in zip(parsed, boxes, strict=True):
         lo = np.maximum(np.minimum(np.floor(p.min(0)), box[:2]), 0).astype(int)
-        hi = np.maximum(np.floor(p.max(0)) + 1, box[2:]).astype(int)
+        hi = np.minimum(np.maximum(np.floor(p.max(0)) + 1, box[2:]), [hw[1], hw[0]]).astype(int)
+        wins.append((lo, hi))
+    glo = np.min([lo for lo, _ in wins], 0)
+    ghi = np.max([hi for _, hi in wins], 0)
+    union = np.zeros((ghi[1] - glo[1], ghi[0] - glo[0]), bool)
+    truth = np.zeros_like(union)
+    ious = []
+    for (_, p), crop, box, (lo, hi) in zip(parsed, crops, boxes, wins, strict=True):
         r = polygon_to_mask(p - lo, (hi[1] - lo[1], hi[0] - lo[0]))
-        r = r[: hw[0] - lo[1], : hw[1] - lo[0]]
-        ious.append(mask_iou(r, m[lo[1] : hi[1], lo[0] : hi[0]], empty=1.0))
-        union[lo[1] : lo[1] + r.shape[0], lo[0] : lo[0] + r.shape[1]] |= r
-    truth = np.any(masks, 0) if masks else np.zeros(hw, bool)
-    return {"instance_iou": ious, "image_iou": mask_iou(union, truth, empty=1.0) if masks else None}
+        m = np.zeros_like(r)
+        m[box[1] - lo[1] : box[3] - lo[1], box[0] - lo[0] : box[2] - lo[0]] = crop
+        ious.append(mask_iou(r, m, empty=1.0))
+        union[lo[1] - glo[1] : hi[1] - glo[1], lo[0] - glo[0] : hi[0] - glo[0]] |= r
+        truth[box[1] - glo[1] : box[3] - glo[1], box[0] - glo[0] : box[2] - glo[0]] |= crop
+    return {"instance_iou": ious, "image_iou": mask_iou(union, truth, empty=1.0)}
 
 
 def _write_coco(tmp: Path, used: list[ImageResult], classes: list[str], folds: list[str], cfg: ConvertConfig,
@@ -393,10 +459,8 @@ def _write_coco(tmp: Path, used: list[ImageResult], classes: list[str], folds: l
 
 
 def _write_voc(tmp: Path, used: list[ImageResult], folds: list[str]) -> None:
-    for r in used:
-        p = tmp / "voc" / "Annotations" / f"{r.name}.xml"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(r.voc)
+    """The VOC image sets; each image's XML is written by :func:`_write_image_files`."""
+    (tmp / "voc" / "Annotations").mkdir(parents=True, exist_ok=True)
     (tmp / "voc" / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
     for fold in folds:
         (tmp / "voc" / "ImageSets" / "Main" / f"{fold}.txt").write_text(
@@ -448,7 +512,6 @@ def _write_outputs(
 ) -> dict:
     used = [r for r in results if r.skipped is None]
     atomic_write_text(tmp / "classes.txt", "\n".join(classes) + "\n")
-    _write_yolo(tmp, final, used, classes, folds, cfg)
     coco_files = _write_coco(tmp, used, classes, folds, cfg, data_root) if "coco" in cfg.formats else {}
     if "voc" in cfg.formats:
         _write_voc(tmp, used, folds)
@@ -456,8 +519,6 @@ def _write_outputs(
         (tmp / "label_maps").mkdir(exist_ok=True)
         (tmp / "label_maps" / "classes.txt").write_text("\n".join(["background", *classes]) + "\n")
     _write_ground_truth(tmp, results, classes, cfg, data_root, manifest)
-    if cfg.verify:
-        _verify_written(tmp, used, cfg)
     report = _fidelity(results, classes, cfg, coco_files, data_root)
     atomic_write_text(tmp / "fidelity.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(
@@ -465,7 +526,7 @@ def _write_outputs(
         json.dumps(
             {
                 "data_root": str(data_root.resolve()),
-                "config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
+                "config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "threads")},
                 "classes": classes,
                 "folds": folds,
                 "images": {f: sum(r.fold == f for r in used) for f in folds},

@@ -133,6 +133,26 @@ def test_rerun_is_safe_and_workers_give_the_same_output(small, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["conv"]  # no temporary folders left
 
 
+def _all_bytes(path):
+    """Every output byte, the report and the canonical file included; only the header's creation time and
+    the output folder's own path (in data.yaml) may differ."""
+    here = str(path.resolve()).encode()
+    tree = {p.relative_to(path).as_posix(): (os.readlink(p) if p.is_symlink() else p.read_bytes().replace(here, b"OUT"))
+            for p in sorted(path.rglob("*")) if p.is_file()}
+    head, _, rest = tree["ground_truth.jsonl"].partition(b"\n")
+    tree["ground_truth.jsonl"] = json.dumps({**json.loads(head), "created": None}).encode() + b"\n" + rest
+    return tree
+
+
+def test_threads_and_processes_write_byte_identical_outputs(synthetic_root, tmp_path):
+    manifest = build_manifest([index_category(synthetic_root, "washer"), index_category(synthetic_root, "weave")])
+    trees = []
+    for i, cfg in enumerate([ConvertConfig(threads=1), ConvertConfig(threads=4), ConvertConfig(workers=2)]):
+        convert(synthetic_root, manifest, tmp_path / str(i), cfg, progress=False)
+        trees.append(_all_bytes(tmp_path / str(i)))
+    assert len(trees[0]) > 300 and trees[0] == trees[1] == trees[2]
+
+
 def test_bad_masks_name_the_file_and_leave_the_old_output(small, tmp_path):
     root, manifest = small
     out = tmp_path / "outs" / "conv"
@@ -237,19 +257,21 @@ def test_fidelity_report_flags_faults_injected_into_the_written_files(small, tmp
     from defectkit.converters import convert as C
 
     root, manifest = small
-    real_yolo, real_coco = C._write_yolo, C._write_coco
+    real_files, real_coco = C._write_image_files, C._write_coco
 
-    def faulty_yolo(tmp, *a, **k):
-        real_yolo(tmp, *a, **k)
-        f = sorted((tmp / "yolo" / "labels").rglob("*crack*.txt"))[0]
-        cls, cx, cy, w, h = f.read_text().splitlines()[0].split()
-        lines = f.read_text().splitlines()
-        lines[0] = f"{cls} {float(cx) + 0.05:.6f} {cy} {w} {h}"  # shifted right by 5 % of the width
-        f.write_text("\n".join(lines) + "\n")
-        g = sorted((tmp / "yolo_seg" / "labels").rglob("*hole*.txt"))[0]
-        first, *rest = g.read_text().splitlines()
-        parts = first.split()
-        g.write_text("\n".join([" ".join(parts[:-2]), *rest]) + "\n")  # the polygon loses its last vertex
+    def faulty_files(tmp, r, cfg):
+        real_files(tmp, r, cfg)
+        if "crack" in r.name:
+            f = tmp / "yolo" / "labels" / r.fold / f"{r.name}.txt"
+            lines = f.read_text().splitlines()
+            cls, cx, cy, w, h = lines[0].split()
+            lines[0] = f"{cls} {float(cx) + 0.05:.6f} {cy} {w} {h}"  # shifted right by 5 % of the width
+            f.write_text("\n".join(lines) + "\n")
+        if "hole" in r.name:
+            g = tmp / "yolo_seg" / "labels" / r.fold / f"{r.name}.txt"
+            first, *rest = g.read_text().splitlines()
+            parts = first.split()
+            g.write_text("\n".join([" ".join(parts[:-2]), *rest]) + "\n")  # the polygon loses its last vertex
 
     def faulty_coco(tmp, *a, **k):
         files = real_coco(tmp, *a, **k)
@@ -259,7 +281,7 @@ def test_fidelity_report_flags_faults_injected_into_the_written_files(small, tmp
         path.write_text(json.dumps(doc))
         return files
 
-    monkeypatch.setattr(C, "_write_yolo", faulty_yolo)
+    monkeypatch.setattr(C, "_write_image_files", faulty_files)
     monkeypatch.setattr(C, "_write_coco", faulty_coco)
     f = convert(root, manifest, tmp_path / "conv", progress=False)["formats"]
     assert f["yolo"]["instance_iou"]["min"] < 0.9

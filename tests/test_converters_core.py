@@ -178,3 +178,16 @@ def test_parsers_reject_malformed_lines():
         parse_yolo_box_lines("0 0.5 0.5 0.1", (10, 10))
     with pytest.raises(ValueError, match="at least 3"):
         parse_yolo_seg_lines("0 0.1 0.1 0.2 0.2", (10, 10))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rle_from_the_box_is_byte_identical_to_pycocotools_on_the_whole_image(seed):
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+    m = np.zeros((h, w), bool)
+    y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+    y1, x1 = int(rng.integers(y0 + 1, h + 1)), int(rng.integers(x0 + 1, w + 1))
+    m[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < rng.choice([0.0, 0.3, 0.9, 1.0])
+    theirs = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
+    assert encode_rle(m, (x0, y0, x1, y1))["counts"] == theirs
+    assert encode_rle(m)["counts"] == theirs
