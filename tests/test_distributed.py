@@ -88,3 +88,22 @@ def test_sam_encoder_and_decoder_two_processes_match_one_with_the_same_global_ba
     m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
     assert m2["fine_tuned"]["iou"] == pytest.approx(m1["fine_tuned"]["iou"], abs=1e-3)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+def test_the_process_group_is_torn_down_when_training_fails(tmp_path):
+    """Both processes raise inside the group (as a crashed epoch would): the group is destroyed on
+    the way out, and the exception still reaches the caller."""
+    script = tmp_path / "fails.py"
+    script.write_text(
+        "import torch\n"
+        "from defectkit.core.distributed import process_group\n"
+        "try:\n"
+        "    with process_group('cpu') as d:\n"
+        "        assert d.active and torch.distributed.is_initialized()\n"
+        "        raise RuntimeError('epoch 3 failed')\n"
+        "except RuntimeError as e:\n"
+        "    print(f'rank {d.rank}: {e}; initialized after: {torch.distributed.is_initialized()}')\n"
+    )
+    out = _launch([*TORCHRUN, script], tmp_path).stdout
+    assert "rank 0: epoch 3 failed; initialized after: False" in out
+    assert "rank 1: epoch 3 failed; initialized after: False" in out

@@ -208,3 +208,38 @@ def yaml_names(path):
 
     names = yaml.safe_load(path.read_text())["names"]
     return [names[k] for k in sorted(names)]
+
+
+def test_offline_world_trainer_survives_ultralytics_ddp_hand_off(data_yaml, no_clip, tmp_path):
+    """Ultralytics' DDP (``--device 0,1``) pickles the trainer's class, args, model and callbacks with
+    cloudpickle and rebuilds the trainer in each worker from a generated script.  Here: the hand-off
+    file is generated from our trainer, and the generated worker script runs in a fresh interpreter
+    with its last line (``trainer.train()``, which needs GPUs) replaced by checks: the worker rebuilds
+    an OfflineWorldTrainer, imported by module path, whose callbacks never call CLIP."""
+    parent = f"""
+import sys
+from ultralytics.utils.dist import generate_ddp_file
+from defectkit.finetune.world_offline import OfflineWorldTrainer
+t = OfflineWorldTrainer(overrides=dict(model="yolov8n-worldv2.yaml", data={str(data_yaml)!r}, epochs=1, imgsz=64,
+                                       device="cpu", project={str(tmp_path / "runs")!r}, name="ddp", workers=0))
+t.model = t.get_model(cfg="yolov8n-worldv2.yaml", verbose=False)
+print(generate_ddp_file(t))
+"""
+    r = subprocess.run([sys.executable, "-c", parent], env=no_clip, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    script = Path(r.stdout.strip().splitlines()[-1])
+    worker = script.read_text()
+    assert worker.rstrip().endswith("trainer.train()")
+    checks = """
+    from defectkit.finetune import world_offline as W
+    hooks = trainer.callbacks["on_pretrain_routine_end"]
+    assert type(trainer).__module__ == "defectkit.finetune.world_offline", type(trainer)
+    assert type(trainer).__name__ == "OfflineWorldTrainer"
+    assert W._set_classes_from_cache in hooks and W._clip_callback not in hooks
+    print("worker ok")
+"""
+    script.write_text(worker.rstrip()[: -len("trainer.train()")].rstrip(" ") + checks.lstrip("\n"))
+    w = subprocess.run([sys.executable, str(script)], env=no_clip, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert w.returncode == 0 and "worker ok" in w.stdout, w.stderr[-4000:]
