@@ -79,6 +79,8 @@ help:
 	@echo "make bench-convert  conversion speed against decoding the masks alone"
 	@echo "make finetune-yolo  python finetune/yolo.py on the converted labels (YOLO_MODEL=, YOLO_ARGS=)"
 	@echo "make anomaly    python anomaly/train.py per category (MODEL=draem|conv_ae|unet_ae|fc_ae|vae|ocsvm|patchcore, ANOMALY_ARGS=)"
+	@echo "               CATEGORY=all (also finetune-yolo, finetune-sam, compare): one run per category + summary table;"
+	@echo "               JOBS=1 writes the per-category commands instead, FORCE=1 reruns finished ones; NPROC=2: torchrun"
 	@echo "make bench-anomaly  every reconstruction model on DATA/CATEGORY: metrics, time, throughput"
 	@echo "make finetune-sam   python finetune/sam.py (SAM_MODEL=vit_b SAM_ARGS='--checkpoint PATH ...')"
 	@echo "make bench-sam  a SAM decoder epoch with and without the embedding cache"
@@ -221,6 +223,9 @@ SWEEP = $(PY) -m defectkit.review.sweep $(if $(DATA),--data $(DATA)) $(if $(JOBS
 RUN_OF = $(WORK)/runs/$(1)/$(DATA_NAME)-{category}-$(2)
 CONV_OF = $(OUT_DIR)/converted/{category}-$(SCHEME)
 SUB_MAKE = $(MAKE) --no-print-directory CATEGORY={category}
+# NPROC=2: the anomaly and SAM trainers under torchrun (DDP; gloo on CPU, NCCL on GPUs; --batch is per process)
+NPROC ?=
+TRAIN_PY = $(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
 
 finetune-yolo: $(if $(filter all,$(CATEGORY)),split,convert)
 ifeq ($(CATEGORY),all)
@@ -235,20 +240,20 @@ SAM_YOLO_OF = $$(f=$(call RUN_OF,yolo,$(YOLO_MODEL))/predictions.jsonl; test -f 
 finetune-sam: $(if $(filter all,$(CATEGORY)),split,convert)
 ifeq ($(CATEGORY),all)
 	$(SWEEP) --family sam --run '$(call RUN_OF,sam,$(SAM_MODEL))' --out $(SUMMARY_DIR)/sam-$(SAM_MODEL) \
-		--cmd '$(SUB_MAKE) $(CONV_OF)/fidelity.json && $(PY) finetune/sam.py --data $(CONV_OF) --model $(SAM_MODEL) \
+		--cmd '$(SUB_MAKE) $(CONV_OF)/fidelity.json && $(TRAIN_PY) finetune/sam.py --data $(CONV_OF) --model $(SAM_MODEL) \
 		$(SAM_ARGS) --out $(call RUN_OF,sam,$(SAM_MODEL)) $(SAM_YOLO_OF)'
 else
-	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --out $(SAM_RUN) \
+	$(TRAIN_PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --out $(SAM_RUN) \
 		$(if $(wildcard $(YOLO_RUN)/predictions.jsonl),--yolo-predictions $(YOLO_RUN)/predictions.jsonl)
 endif
 
 anomaly: split
 ifeq ($(CATEGORY),all)
 	$(SWEEP) --family anomaly --run '$(call RUN_OF,anomaly,$(MODEL))' --out $(SUMMARY_DIR)/anomaly-$(MODEL) \
-		--cmd '$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category {category} --manifest $(MANIFEST) \
+		--cmd '$(TRAIN_PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category {category} --manifest $(MANIFEST) \
 		--model $(MODEL) $(ANOMALY_ARGS) --out $(call RUN_OF,anomaly,$(MODEL))'
 else
-	$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(MANIFEST) \
+	$(TRAIN_PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(MANIFEST) \
 		--model $(MODEL) $(ANOMALY_ARGS) --out $(ANOMALY_RUN)
 endif
 

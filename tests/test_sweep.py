@@ -88,3 +88,22 @@ def test_print_only_writes_the_per_category_commands_and_runs_nothing(tmp_path, 
     assert not (tmp_path / "runs").exists() and not (tmp_path / "summary" / "summary.json").exists()
     with pytest.raises(ConfigError):
         jobs(["bottle"], "runs/fixed", "train --category {category}")
+
+
+def test_make_category_all_with_jobs_prints_one_command_per_category(tmp_path):
+    """``make finetune-yolo CATEGORY=all JOBS=1``: the per-category commands for a scheduler, nothing trained."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["make", "--no-print-directory", "finetune-yolo", "CATEGORY=all", "JOBS=1", f"WORK={tmp_path}"],
+                       cwd=repo, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    jobs_sh = (tmp_path / "summary" / "defectkit_synth" / "yolo-yolov8n-worldv2" / "jobs.sh").read_text()
+    lines = [ln for ln in jobs_sh.splitlines() if ln and not ln.startswith(("#", "set "))]
+    assert len(lines) == 2 and "CATEGORY=washer" in lines[0] and "CATEGORY=weave" in lines[1]
+    assert lines[0].endswith("defectkit_synth-washer-yolov8n-worldv2/metrics.json")
+    assert not (tmp_path / "runs").exists()
