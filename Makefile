@@ -174,11 +174,11 @@ bench-sam: convert
 # recomputed (cheap), then the summary: one column per model and figure
 FINISHED_RUNS_OF = $$(for r in $(call RUN_OF,yolo,$(YOLO_MODEL)) $(call RUN_OF,anomaly,$(MODEL)) \
 	$(call RUN_OF,sam,$(SAM_MODEL)); do test -f $$r/metrics.json && echo $$r; done)
-compare: setup
+compare: $(if $(filter all,$(CATEGORY)),split,setup)
 ifeq ($(CATEGORY),all)
 	$(SWEEP) --family compare --force --run '$(WORK)/compare/$(DATA_NAME)-{category}' --out $(SUMMARY_DIR)/compare \
 		--cmd 'runs="$(FINISHED_RUNS_OF)"; test -n "$$runs" || { echo "no finished run for {category}"; exit 1; }; \
-		$(PY) -m defectkit.review.compare --gt $(CONV_OF)/ground_truth.jsonl --runs $$runs \
+		$(SUB_MAKE) $(CONV_OF)/fidelity.json && $(PY) -m defectkit.review.compare --gt $(CONV_OF)/ground_truth.jsonl --runs $$runs \
 		--out $(WORK)/compare/$(DATA_NAME)-{category} -q'
 else
 	$(PY) -m defectkit.review.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR)

@@ -43,7 +43,8 @@ def test_oracle_through_train_and_compare(synthetic_root, tmp_path, monkeypatch,
     from defectkit.datasets.split import read_manifest
     from defectkit.review.compare import compare
 
-    monkeypatch.setattr(T, "build_scorer", lambda cfg, data, run, device, dist=None: (OracleScorer(data, invert), None, []))
+    monkeypatch.setattr(T, "build_scorer",
+                        lambda cfg, data, run, device, dist=None: (OracleScorer(data, invert), None, []))
     args = T.get_args_parser().parse_args(["--data", str(synthetic_root), "--manifest", str(tmp_path / "m.json"),
                                            "--out", str(tmp_path / "run"), "--imgsz", str(IMGSZ), "--category",
                                            "washer", "--model", "conv_ae", "--no-plots", "-q", "--device", "cpu"])
