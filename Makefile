@@ -48,8 +48,9 @@ ANOMALY_ARGS ?= $(or $(ANOMALY_ARGS_$(MODEL)),--imgsz 128 --epochs 12 --augment)
 YOLO_MODEL ?= yolov8n-worldv2
 YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 34 --imgsz 256 --batch 8
 SAM_MODEL ?= tiny
-# the offline tiny SAM learns only with its encoder trained too (README "SAM"); 16 epochs fit the demo's 8 minutes
-SAM_ARGS ?= --epochs 16 --lr 1e-3 --train-encoder
+# the offline tiny SAM learns only with its encoder trained too, and each box segmented on its own crop
+# (README "SAM"); 16 epochs fit the demo's 8 minutes
+SAM_ARGS ?= --epochs 16 --lr 1e-3 --train-encoder --crop 2
 APP_PORT ?= 5151
 
 # the demo's stages, each a file target: a finished stage is reused, a rerun is safe

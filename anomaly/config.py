@@ -8,6 +8,7 @@ from pathlib import Path
 
 RECON_MODELS = ("conv_ae", "unet_ae", "fc_ae", "vae", "draem")
 FEATURE_MODELS = ("ocsvm", "patchcore")
+CROP_MODELS = ("conv_ae", "unet_ae", "draem")  # fully convolutional: train on crops, score whole images
 LOSSES = ("mse", "ssim", "mse_ssim")
 THRESHOLDS = ("f1", "otsu", "percentile", "false_alarm", "recall")
 
@@ -53,6 +54,7 @@ class TrainConfig(_FromArgs):
     batch: int = 16
     steps_per_epoch: int = 25
     augment: bool = False
+    train_crop: int = 0  # random square crops of the input for training (0: whole images)
     lr: float = 2e-3
     patience: int = 10
     seed: int = 0

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.anomaly.config import (
+    CROP_MODELS,
     FEATURE_MODELS,
     LOSSES,
     RECON_MODELS,
@@ -89,6 +90,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=int, default=25,
                    help="optimizer steps per epoch, sampling train images with replacement (small sets)")
     p.add_argument("--augment", action="store_true", help="random flips of training images (rotation-invariant parts)")
+    p.add_argument("--train-crop", type=int, default=0, metavar="N",
+                   help="train on random NxN crops of the --imgsz input, score whole images (fully convolutional "
+                        f"models: {', '.join(CROP_MODELS)}): detail of --imgsz at the step cost of N; 0: whole images")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate (AdamW, cosine schedule)")
     p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of train/good held out for validation")
@@ -374,7 +378,7 @@ def fit_reconstruction(cfg: RunConfig, run: Path, train_x: np.ndarray, val_x: np
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t.epochs))
     scaler = torch.amp.GradScaler("cuda") if amp_enabled(device) else None
     state = _resume(run, model, opt, sched, device) if t.resume else TrainState()
-    dataset = _Augmented(train_x, t.augment)
+    dataset = _Augmented(train_x, t.augment, t.train_crop)
     bar = progress(range(state.epoch + 1, t.epochs), desc=f"{m.model} {cfg.data.category}",
                    disable=t.quiet or not dist.is_main, initial=state.epoch + 1, total=t.epochs)
     for epoch in bar:
@@ -432,11 +436,12 @@ def _resume(run: Path, model, opt, sched, device: str) -> TrainState:
 
 
 class _Augmented:
-    """Training images, optionally flipped at random: the draw for a sample depends on (seed, epoch,
-    its position in the epoch) only, the same in one process or many."""
+    """Training images, optionally flipped at random and cut to a random ``crop`` x ``crop`` square: the
+    draw for a sample depends on (seed, epoch, its position in the epoch) only, the same in one process
+    or many."""
 
-    def __init__(self, x: np.ndarray, augment: bool):
-        self.x, self.augment = x, augment
+    def __init__(self, x: np.ndarray, augment: bool, crop: int = 0):
+        self.x, self.augment, self.crop = x, augment, crop
         self.seed, self.epoch = 0, 0
 
     def reseed(self, seed: int, epoch: int) -> None:
@@ -455,6 +460,11 @@ class _Augmented:
                 a = a[:, :, ::-1]
             if flip_v:
                 a = a[:, ::-1, :]
+        h, w = a.shape[1:]
+        if 0 < self.crop < max(h, w):
+            top, left = np.random.default_rng([self.seed, self.epoch, pos, 3]).integers(
+                0, [max(1, h - self.crop + 1), max(1, w - self.crop + 1)])
+            a = a[:, top : top + self.crop, left : left + self.crop]
         return torch.from_numpy(np.ascontiguousarray(a))
 
 
@@ -574,6 +584,10 @@ def run_category(cfg: RunConfig, dist=None) -> dict:
 
     if cfg.model.input == "fft" and cfg.model.model in FEATURE_MODELS:
         raise ConfigError("--input fft is for the reconstruction models")
+    crop, step = cfg.train.train_crop, 2 ** cfg.model.depth
+    if crop and (cfg.model.model not in CROP_MODELS or crop % step or not step <= crop <= cfg.model.imgsz):
+        raise ConfigError(f"--train-crop {crop}: for {', '.join(CROP_MODELS)} only, a multiple of 2**depth "
+                          f"({step}) between {step} and --imgsz ({cfg.model.imgsz}); got --model {cfg.model.model}")
     dist = dist or Dist(device=device_for(cfg.device))
     if dist.active and cfg.model.model in FEATURE_MODELS:
         raise ConfigError(f"--model {cfg.model.model} fits no network: run it without torchrun")

@@ -66,6 +66,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--jitter", type=float, default=0.1, help="box jitter, fraction of the box side")
     p.add_argument("--points", type=int, default=0, help="positive points per prompt, sampled inside the region")
+    p.add_argument("--crop", type=float, default=0.0,
+                   help="segment each box on its own square crop, CROP times the box's longer side, resized to the "
+                        "encoder's input (small defects at many times the resolution; one encoder pass per box); "
+                        "0: the whole image, SAM's own way")
     p.add_argument("--augment", type=int, default=0, help="augmented copies of each training image")
     p.add_argument("--train-prompt-encoder", action="store_true")
     p.add_argument("--train-encoder", action="store_true",
@@ -95,6 +99,7 @@ class SamTrainConfig:
     weight_decay: float = 0.01
     jitter: float = 0.1
     points: int = 0
+    crop: float = 0.0
     train_prompt_encoder: bool = False
     train_encoder: bool = False
     patience: int = 10
@@ -175,7 +180,22 @@ def sam_loss_module(sam, items, cache, cfg: SamTrainConfig, low: int, device: st
     chunk gives a zero that still touches every trained parameter, so DDP's all-reduce runs)."""
     import torch
 
-    from defectkit.finetune.sam_core import decode, dice_bce_loss, jitter_boxes, low_res_targets, sample_points
+    from defectkit.finetune.sam_core import (
+        decode,
+        dice_bce_loss,
+        in_window,
+        jitter_boxes,
+        low_res_targets,
+        prompt_window,
+        sample_points,
+    )
+
+    def groups(it, ks):
+        """Instances that share an encoder pass: all of an image's (whole image), or one per crop, its
+        window taken around the instance's own box (so a frozen encoder's crops are cached)."""
+        if cfg.crop <= 0:
+            return [(prompt_window(None, it.hw, 0), ks)]
+        return [(prompt_window(it.boxes[k], it.hw, cfg.crop), [k]) for k in ks]
 
     class SamLoss(torch.nn.Module):
         def __init__(self):
@@ -190,16 +210,19 @@ def sam_loss_module(sam, items, cache, cfg: SamTrainConfig, low: int, device: st
                 by_image[i].append((pos, k))
             losses = []
             for i, pk in by_image.items():
-                it, ks = items[i], [k for _, k in pk]
-                rngs = [np.random.default_rng([cfg.seed, epoch, 11, pos]) for pos, _ in pk]
-                emb = cache.encode(it.rgb, grad=True) if cfg.train_encoder else cache.get(it.rgb).to(device)
-                boxes = np.concatenate([jitter_boxes(it.boxes[[k]], it.hw, r, cfg.jitter) for k, r in
-                                        zip(ks, rngs, strict=True)])
-                pts = (np.concatenate([sample_points(it.masks[[k]], cfg.points, r) for k, r in
-                                       zip(ks, rngs, strict=True)]) if cfg.points else None)
-                logits, _ = decode(self.sam, emb, boxes, it.hw, cache, pts, cfg.train_prompt_encoder)
-                target = low_res_targets(it.masks[ks], it.hw, cache, low).to(device)
-                losses.append(dice_bce_loss(logits, target) * len(ks))
+                it, rng_of = items[i], {k: np.random.default_rng([cfg.seed, epoch, 11, pos]) for pos, k in pk}
+                for window, ks in groups(it, [k for _, k in pk]):
+                    y0, y1, x0, x1 = window
+                    rgb, masks = np.ascontiguousarray(it.rgb[y0:y1, x0:x1]), it.masks[ks][:, y0:y1, x0:x1]
+                    hw, rngs = rgb.shape[:2], [rng_of[k] for k in ks]
+                    emb = cache.encode(rgb, grad=True) if cfg.train_encoder else cache.get(rgb).to(device)
+                    boxes = in_window(it.boxes[ks], window)
+                    boxes = np.concatenate([jitter_boxes(boxes[[j]], hw, r, cfg.jitter) for j, r in enumerate(rngs)])
+                    pts = (np.concatenate([sample_points(masks[[j]], cfg.points, r) for j, r in enumerate(rngs)])
+                           if cfg.points else None)
+                    logits, _ = decode(self.sam, emb, boxes, hw, cache, pts, cfg.train_prompt_encoder)
+                    target = low_res_targets(masks, hw, cache, low).to(device)
+                    losses.append(dice_bce_loss(logits, target) * len(ks))
             return torch.stack(losses).sum()
 
     return SamLoss()
@@ -252,13 +275,13 @@ def mask_confidence(prob: np.ndarray) -> np.ndarray:
     return np.where(n > 0, total / np.maximum(n, 1), 0.0)
 
 
-def predict(sam, items, cache, device: str, boxes_of=None):
+def predict(sam, items, cache, device: str, boxes_of=None, crop: float = 0.0):
     """For each item: masks (N, H, W) bool, mask probabilities, mask confidences
     (:func:`mask_confidence`), for box prompts (the item's GT boxes unless ``boxes_of(item)``
-    gives others)."""
+    gives others), each segmented on its own crop when ``crop`` > 0 (``--crop``)."""
     import torch
 
-    from defectkit.finetune.sam_core import decode, full_res
+    from defectkit.finetune.sam_core import segment_boxes
 
     sam.eval()
     out = []
@@ -268,9 +291,7 @@ def predict(sam, items, cache, device: str, boxes_of=None):
             if not len(boxes):
                 out.append((np.zeros((0, *it.hw), bool), np.zeros((0, *it.hw), np.float32), np.zeros(0)))
                 continue
-            emb = cache.get(it.rgb).to(device)
-            logits, _iou = decode(sam, emb, boxes, it.hw, cache)
-            prob = full_res(sam, logits, it.hw, cache).cpu().numpy()
+            prob = segment_boxes(sam, it.rgb, boxes, cache, crop, encode=lambda rgb: cache.get(rgb).to(device))
             out.append((prob > 0.5, prob, mask_confidence(prob)))
     return out
 
@@ -300,6 +321,18 @@ def instance_scores(items, preds) -> dict:
         "instances": len(ious),
         "per_type": per,
     }
+
+
+def box_as_mask(items) -> list:
+    """The baseline every box-prompted segmenter must beat: each prompt box, filled, as the mask
+    (in :func:`predict`'s form, for :func:`instance_scores`)."""
+    out = []
+    for it in items:
+        m = np.zeros((len(it.boxes), *it.hw), bool)
+        for j, (x0, y0, x1, y1) in enumerate(np.asarray(it.boxes, float)):
+            m[j, int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
+        out.append((m, m.astype(np.float32), np.ones(len(m))))
+    return out
 
 
 def _state(sam, cfg: SamTrainConfig) -> dict:
@@ -361,7 +394,10 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
         loss = train_one_epoch(step, train_items, opt, cfg, rng, epoch, dist)
         val = loss
         if dist.is_main:
-            val = instance_scores(val_items, predict(sam, val_items, cache, device))["iou"] if val_items else -loss
+            if val_items:
+                val = instance_scores(val_items, predict(sam, val_items, cache, device, crop=cfg.crop))["iou"]
+            else:
+                val = -loss
         val = dist.broadcast(val)
         improved = val > best + 1e-4
         best, stale = (val, 0) if improved else (best, stale + 1)
@@ -426,6 +462,7 @@ class CascadeConfig:
     yolo_predictions: Path
     conf: float = 0.25
     sam_model: str = "tiny"
+    crop: float = 0.0
 
 
 def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig, run: Path, device: str) -> dict:
@@ -449,7 +486,7 @@ def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig
         for it in test_items
     ]
     boxes_by_item = {id(it): m[1] for it, m in zip(test_items, meta, strict=True)}
-    preds = predict(sam, test_items, cache, device, lambda it: boxes_by_item[id(it)])
+    preds = predict(sam, test_items, cache, device, lambda it: boxes_by_item[id(it)], cfg.crop)
     recs = _records(test_items, preds, meta)
     write_records(
         run / "cascade_predictions.jsonl",
@@ -515,7 +552,8 @@ def load_sam_data(conv: Path, category: str | None, augment: int, seed: int) -> 
     return SamData(header, gt, header["classes"], data_root, train, val, load_items(gt, data_root, "test", category))
 
 
-def score_fine_tuned(sam, cache, test_items, d: SamData, key: str, model: str, run: Path, device: str) -> dict:
+def score_fine_tuned(sam, cache, test_items, d: SamData, key: str, model: str, run: Path, device: str,
+                     crop: float = 0.0) -> dict:
     """GT-box-prompted masks of the trained decoder on the test fold: scores, speed, predictions file.
 
     Every test image gets a record (an image without a defect has no prompt and no mask), so the
@@ -523,12 +561,13 @@ def score_fine_tuned(sam, cache, test_items, d: SamData, key: str, model: str, r
     from defectkit.converters.canonical import make_header, write_records
 
     t0 = time.perf_counter()
-    preds = predict(sam, test_items, cache, device)
+    preds = predict(sam, test_items, cache, device, crop=crop)
     infer_s = time.perf_counter() - t0
     meta = [(list(it.record.labels), it.boxes, conf) for it, (_, _, conf) in zip(test_items, preds, strict=True)]
     write_records(run / "predictions.jsonl",
                   make_header("predictions", f"sam-{model}", d.classes, d.data_root,
-                              manifest=d.header.get("manifest"), fold="test", prompts="ground-truth boxes", base=key),
+                              manifest=d.header.get("manifest"), fold="test", prompts="ground-truth boxes", base=key,
+                              crop=crop),
                   _records(test_items, preds, meta))
     return {"fine_tuned": instance_scores(test_items, preds), "test_images": len(test_items),
             "images_per_s": len(test_items) / infer_s if infer_s else float("nan")}
@@ -563,12 +602,14 @@ def _main(args: argparse.Namespace, dist) -> dict:
     cache = EmbeddingCache(sam, args.cache, key, device)
     test_inst = [it for it in d.test if len(it.boxes)]
     t0 = time.perf_counter()
-    for it in [] if cfg.train_encoder else [*d.train, *d.val, *d.test]:  # fill the cache once (frozen encoder)
+    # fill the cache once (frozen encoder, whole images; crops are cached as they are first met)
+    for it in [] if cfg.train_encoder or cfg.crop > 0 else [*d.train, *d.val, *d.test]:
         cache.get(it.rgb)
     embed_s = time.perf_counter() - t0
     log.info("embeddings: %d computed, %d from the cache (%.1fs)", cache.misses, cache.hits, embed_s)
     base_state = copy.deepcopy(sam.mask_decoder.state_dict())
-    zero_shot = instance_scores(test_inst, predict(sam, test_inst, cache, device)) if dist.is_main else None
+    zero_shot = (instance_scores(test_inst, predict(sam, test_inst, cache, device, crop=cfg.crop))
+                 if dist.is_main else None)
     t1 = time.perf_counter()
     history = fit(sam, key, d.train, d.val, cache, cfg, run, device, dist) if cfg.epochs > 0 else []
     train_s = time.perf_counter() - t1
@@ -576,9 +617,10 @@ def _main(args: argparse.Namespace, dist) -> dict:
         return {}
     metrics = {"model": cfg.model, "base": key, "data": str(conv),
                "train_instances": sum(len(i.boxes) for i in d.train), "test_instances": zero_shot["instances"],
+               "box_as_mask": instance_scores(test_inst, box_as_mask(test_inst)),
                "zero_shot": zero_shot, "epochs_run": len(history), "train_seconds": train_s,
                "embedding_seconds": embed_s, "embeddings_computed": cache.misses,
-               **score_fine_tuned(sam, cache, d.test, d, key, cfg.model, run, device),
+               **score_fine_tuned(sam, cache, d.test, d, key, cfg.model, run, device, cfg.crop),
                "base_decoder_changed": any(not torch.equal(base_state[k].cpu(), v.cpu())
                                            for k, v in sam.mask_decoder.state_dict().items())}
     if cfg.model == "tiny":
@@ -593,7 +635,7 @@ def _main(args: argparse.Namespace, dist) -> dict:
             gt_test,
             d.header,
             d.classes,
-            CascadeConfig(args.yolo_predictions, args.cascade_conf, cfg.model),
+            CascadeConfig(args.yolo_predictions, args.cascade_conf, cfg.model, cfg.crop),
             run,
             device,
         )
@@ -610,7 +652,8 @@ def _print(metrics: dict, run: Path) -> None:
     z, t, c = metrics["zero_shot"], metrics["fine_tuned"], metrics.get("cascade")
     print(
         f"SAM {metrics['model']} on the test fold ({z['instances']} instances, GT-box prompts): mean IoU "
-        f"{z['iou']:.3f} zero-shot -> {t['iou']:.3f} fine-tuned (Dice {z['dice']:.3f} -> {t['dice']:.3f})"
+        f"{z['iou']:.3f} zero-shot -> {t['iou']:.3f} fine-tuned (Dice {z['dice']:.3f} -> {t['dice']:.3f}; "
+        f"the box itself as the mask: IoU {metrics['box_as_mask']['iou']:.3f})"
         + (
             f"; cascade mask AP50 {c['mask_ap']['map50']:.3f}, pixel IoU {c['pixel_iou_per_image'] or 0:.3f}, "
             f"pixel AUROC {c['pixel_auroc']:.3f}"

@@ -7,6 +7,7 @@ decoder directly on cached image embeddings; the image encoder runs once per ima
 from __future__ import annotations
 
 import hashlib
+import math
 from functools import partial
 from pathlib import Path
 
@@ -248,3 +249,64 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, 
 def full_res(sam, low_logits: torch.Tensor, hw: tuple[int, int], cache: EmbeddingCache) -> torch.Tensor:
     """Probabilities ``(N, H, W)`` at the original image size."""
     return torch.sigmoid(sam.postprocess_masks(low_logits, cache.input_size(hw), hw)[:, 0])
+
+
+# ---------------------------------------------------------------------------------- prompts on crops
+# A defect is often a few pixels of a large image: 2-13 of the 64x64 low-resolution mask the decoder
+# predicts for a 256 px input.  Cropping a window around each prompt box and resizing it to the
+# encoder's input (``crop`` = the window's side in box sides) gives the decoder the defect at
+# many times the resolution, at one encoder pass per prompt instead of per image.  SAM's own
+# automatic mask generator crops for the same reason (``crop_n_layers``).
+
+
+def prompt_window(box_xyxy, hw: tuple[int, int], crop: float, min_side: int = 24) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: a square window ``crop`` times the box's longer side (at least
+    ``min_side`` px), centred on the box and shifted to lie inside the image (cut to the image where
+    the image is smaller).  ``crop <= 0``: the whole image."""
+    h, w = int(hw[0]), int(hw[1])
+    if crop <= 0:
+        return 0, h, 0, w
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    side = int(math.ceil(max(crop * max(x1 - x0, y1 - y0), min_side)))
+    sh, sw = min(side, h), min(side, w)
+    top = int(min(max(round((y0 + y1) / 2 - sh / 2), 0), h - sh))
+    left = int(min(max(round((x0 + x1) / 2 - sw / 2), 0), w - sw))
+    return top, top + sh, left, left + sw
+
+
+Window = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open
+
+
+def prompt_groups(boxes: np.ndarray, hw: tuple[int, int], crop: float) -> list[tuple[Window, list[int]]]:
+    """The encoder passes a set of box prompts needs: ``[(window, indices of its boxes)]``; one pass
+    over the whole image for every box when ``crop <= 0``, else one crop per box."""
+    if crop <= 0:
+        return [(prompt_window(None, hw, 0), list(range(len(boxes))))] if len(boxes) else []
+    return [(prompt_window(b, hw, crop), [i]) for i, b in enumerate(np.asarray(boxes, float))]
+
+
+def in_window(boxes: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
+    """Boxes moved into the window's frame and cut to it (at least 1 px wide)."""
+    y0, y1, x0, x1 = window
+    b = np.asarray(boxes, float) - [x0, y0, x0, y0]
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, x1 - x0)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, y1 - y0)
+    b[:, 2] = np.maximum(b[:, 2], b[:, 0] + 1)
+    b[:, 3] = np.maximum(b[:, 3], b[:, 1] + 1)
+    return b
+
+
+def segment_boxes(sam, rgb: np.ndarray, boxes: np.ndarray, cache: EmbeddingCache, crop: float = 0.0,
+                  encode=None) -> np.ndarray:
+    """Mask probabilities ``(N, H, W)`` float32 for ``N`` box prompts on an ``(H, W, 3)`` uint8 image:
+    each window of :func:`prompt_groups` is encoded (``encode(rgb)``, default the cache), decoded and
+    pasted back; zero outside a box's window."""
+    hw = rgb.shape[:2]
+    out = np.zeros((len(boxes), *hw), np.float32)
+    encode = encode or cache.get
+    for (y0, y1, x0, x1), idx in prompt_groups(boxes, hw, crop):
+        view = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+        emb = encode(view)
+        logits, _ = decode(sam, emb, in_window(np.asarray(boxes, float)[idx], (y0, y1, x0, x1)), view.shape[:2], cache)
+        out[idx, y0:y1, x0:x1] = full_res(sam, logits, view.shape[:2], cache).cpu().numpy()
+    return out

@@ -27,7 +27,7 @@ def write_spec(run: Path, args, key: str, yolo_run: Path | None, conf: float) ->
     return write_deploy_spec(
         run, "sam_cascade" if yolo_run else "sam", weights="best.pt", base=key,
         sam={"model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-             "imgsz": args.imgsz, "seed": args.seed},
+             "imgsz": args.imgsz, "seed": args.seed, "crop": args.crop},
         yolo_run=str(yolo_run) if yolo_run else None, cascade_conf=conf,
         score="image score and decision: the YOLO run's (highest box confidence)")
 
@@ -61,7 +61,7 @@ def predict_images(run: Path, images: list[tuple[str, np.ndarray]], backend: str
     import torch
 
     from defectkit.finetune import yolo_deploy
-    from defectkit.finetune.sam_core import decode, full_res
+    from defectkit.finetune.sam_core import segment_boxes
 
     spec = read_spec(run)
     if backend != "torch":
@@ -81,8 +81,7 @@ def predict_images(run: Path, images: list[tuple[str, np.ndarray]], backend: str
             if not len(p.boxes):
                 p.masks = []
                 continue
-            logits, _ = decode(sam, cache.encode(rgb), p.boxes, rgb.shape[:2], cache)
-            prob = full_res(sam, logits, rgb.shape[:2], cache).cpu().numpy()
+            prob = segment_boxes(sam, rgb, p.boxes, cache, spec["sam"].get("crop", 0.0), encode=cache.encode)
             p.masks = [encode_rle(m > 0.5, b) for m, b in zip(prob, p.boxes, strict=True)]
     info = {**info, "model": f"{info['model']}+sam-{spec['sam']['model']}", "cascade_conf": conf}
     return info, preds

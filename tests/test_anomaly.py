@@ -225,6 +225,41 @@ def test_draem_learns_a_painted_defect_on_the_embedded_washer(synthetic_root, tm
     assert read_records(run / "predictions.jsonl")[0]["model"] == "draem"
 
 
+def test_train_crops_are_seeded_by_position_and_inside_the_image():
+    from defectkit.anomaly.train import _Augmented
+
+    x = np.arange(2 * 1 * 8 * 12, dtype=np.float32).reshape(2, 1, 8, 12)
+    ds = _Augmented(x, augment=False, crop=4)
+    ds.reseed(0, 3)
+    a, b = ds.item(1, pos=5), ds.item(1, pos=5)
+    assert a.shape == (1, 4, 4) and torch.equal(a, b)
+    # a crop of image 1 is a contiguous 4x4 window of it
+    (top,), (left,) = np.nonzero(x[1, 0] == a[0, 0, 0].item())
+    assert np.array_equal(a.numpy(), x[1][:, top : top + 4, left : left + 4])
+    tops_lefts = {tuple(np.argwhere(x[1, 0] == ds.item(1, pos=p)[0, 0, 0].item())[0]) for p in range(40)}
+    assert len(tops_lefts) > 10 and max(t for t, _ in tops_lefts) <= 4 and max(le for _, le in tops_lefts) <= 8
+    assert _Augmented(x, augment=False, crop=0).item(0, 0).shape == (1, 8, 12)
+
+
+def test_train_crop_is_refused_where_it_cannot_work(synthetic_root, tmp_path):
+    from defectkit.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--train-crop 32: for conv_ae"):
+        _run(synthetic_root, tmp_path, "--model", "fc_ae", "--imgsz", "64", "--train-crop", "32", "--epochs", "1")
+    with pytest.raises(ConfigError, match="multiple of 2\\*\\*depth"):
+        _run(synthetic_root, tmp_path, "--model", "draem", "--imgsz", "64", "--train-crop", "30", "--epochs", "1")
+
+
+@pytest.mark.slow
+def test_draem_trained_on_crops_scores_whole_images(synthetic_root, tmp_path):
+    """Trained on 32 px crops of 64 px inputs, DRAEM's map still finds painted defects on whole images."""
+    m, run = _run(synthetic_root, tmp_path, "--model", "draem", "--category", "washer", "--imgsz", "64",
+                  "--train-crop", "32", "--depth", "3", "--base", "8", "--epochs", "14", "--steps-per-epoch", "12",
+                  "--lr", "2e-3", "--no-plots", "--patience", "99")
+    assert m["pixel"]["auroc"] > 0.9, m["pixel"]
+    assert json.loads((run / "run_args.json").read_text())["train"]["train_crop"] == 32
+
+
 def test_draem_objective_keeps_half_the_batch_unaltered_with_empty_masks():
     from defectkit.anomaly.draem import DraemObjective, build_synthesizer, focal_loss
 
