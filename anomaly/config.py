@@ -57,6 +57,7 @@ class TrainConfig(_FromArgs):
     train_crop: int = 0  # random square crops of the input for training (0: whole images)
     lr: float = 2e-3
     patience: int = 10
+    val_every: int = 1  # validate every N epochs (and after the last); patience counts validations
     seed: int = 0
     workers: int = 0
     resume: bool = False

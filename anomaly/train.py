@@ -94,7 +94,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="train on random NxN crops of the --imgsz input, score whole images (fully convolutional "
                         f"models: {', '.join(CROP_MODELS)}): detail of --imgsz at the step cost of N; 0: whole images")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate (AdamW, cosine schedule)")
-    p.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
+    p.add_argument("--patience", type=int, default=10, help="validations without improvement before stopping")
+    p.add_argument("--val-every", type=int, default=1, metavar="N",
+                   help="validate (select best.pt, early-stop) every N epochs and after the last one; "
+                        "validation at large --imgsz can cost more than the epoch's training")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of train/good held out for validation")
     p.add_argument("--cutpaste-per-image", type=int, default=2)
     p.add_argument("--val-fold", action=argparse.BooleanOptionalAction, default=True,
@@ -388,12 +391,15 @@ def fit_reconstruction(cfg: RunConfig, run: Path, train_x: np.ndarray, val_x: np
         train_loss = train_one_epoch(step, epoch_loader(dataset, t, epoch, dist), opt, device, epoch, t, scaler,
                                      bar, dist)
         sched.step()
-        val = dist.broadcast(evaluate(scorer, val_x, val_y)["auroc"] if dist.is_main else None)
+        val = None
+        if (epoch + 1) % max(1, t.val_every) == 0 or epoch == t.epochs - 1:
+            val = dist.broadcast(evaluate(scorer, val_x, val_y)["auroc"] if dist.is_main else None)
         _step_state(state, epoch, train_loss, val, time.perf_counter() - t0, model, run, dist.is_main)
         if dist.is_main:
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), **dataclasses.asdict(state)}, run / "last.pt")
-        bar.set_postfix(loss=f"{train_loss:.4f}", val_auroc=f"{val:.3f}", best=f"{state.best:.3f}")
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_auroc="-" if val is None else f"{val:.3f}",
+                        best=f"{state.best:.3f}")
         if state.stale >= t.patience:
             log.info("early stop at epoch %d: no validation gain for %d epochs", epoch + 1, state.stale)
             break
@@ -409,10 +415,13 @@ def amp_enabled(device: str) -> bool:
     return str(device).startswith("cuda")
 
 
-def _step_state(state: TrainState, epoch: int, train_loss: float, val: float, seconds: float, model, run: Path,
-                writer: bool = True):
-    improved = val > state.best + 1e-4 or state.best < 0
-    if improved:
+def _step_state(state: TrainState, epoch: int, train_loss: float, val: float | None, seconds: float, model,
+                run: Path, writer: bool = True):
+    """Record the epoch; on a validated epoch (``val`` not None) keep ``best.pt`` and count patience."""
+    improved = val is not None and (val > state.best + 1e-4 or state.best < 0)
+    if val is None:
+        pass
+    elif improved:
         state.best, state.stale = val, 0
         if writer:
             atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "val_auroc": val}, run / "best.pt")
@@ -613,7 +622,8 @@ def run_category(cfg: RunConfig, dist=None) -> dict:
                "input": cfg.model.input, "loss": cfg.train.loss if model is not None else None,
                "size": cfg.model.imgsz, "train_images": len(data.fit_x), "test_images": len(data.test_e),
                "train_seconds": train_s, "images_per_s": len(data.test_x) / infer_s if infer_s > 0 else float("nan"),
-               "epochs_run": len(history), "best_val_auroc": max((h["val_auroc"] for h in history), default=None),
+               "epochs_run": len(history),
+               "best_val_auroc": max((h["val_auroc"] for h in history if h["val_auroc"] is not None), default=None),
                "thresholds": {"method": cfg.score.threshold, "rule": thr.rule, "image": thr.image,
                               "pixel": thr.pixel, "source": thr.source},
                **score_test_fold(cfg, scorer, model, data, test_maps, masks, thr, device)}

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="train the image encoder too (MedSAM-style full fine-tuning; from scratch for the tiny "
                         "model); embeddings are then computed live, the cache serves frozen encoders only")
     p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--synthetic-pretrain", type=int, default=0, metavar="N",
+                   help="first train on N synthetic defects painted on the data's good images (exact masks, "
+                        "<run>/pretrain), then fine-tune on the real train fold from there")
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the synthetic stage (default --epochs)")
     p.add_argument(
         "--yolo-predictions", type=Path, default=None, help="canonical predictions of a YOLO run: the cascade"
     )
@@ -432,6 +437,39 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
     return history
 
 
+def synthetic_stage(sam, key: str, conv: Path, cache, cfg: SamTrainConfig, n: int, epochs: int, run: Path,
+                    device: str, dist) -> dict:
+    """Train on ``n`` synthetic defects first (``<run>/pretrain``, selected on their own val split) and
+    leave ``sam`` holding that stage's best weights; returns what was used.
+
+    Rerun-safe: a finished stage (``pretrain/done.json``) is reloaded, not retrained; with ``--resume``
+    an interrupted one continues from ``pretrain/last.pt``.  Rank 0 alone synthesizes and writes."""
+    from defectkit.finetune.synthetic_pretrain import prepare
+
+    if dist.is_main:
+        data = prepare(conv, n, cfg.seed, ("coco",), progress=not cfg.quiet)
+    dist.barrier()
+    data = data if dist.is_main else prepare(conv, n, cfg.seed, ("coco",))  # reused: written by rank 0
+    pre = run / "pretrain"
+    pre.mkdir(exist_ok=True)
+    info = {**data.info, "conversion": str(data.conversion), "epochs": epochs, "crop": cfg.crop,
+            "train_encoder": cfg.train_encoder, "checkpoint": str(pre / "best.pt")}
+    done = pre / "done.json"
+    if done.is_file() and json.loads(done.read_text()) == info:
+        log.info("synthetic pretraining already done: %s", done)
+        _load_trained(sam, pre / "best.pt", key, device)
+        return info
+    pd = load_sam_data(data.conversion, None, 0, cfg.seed)
+    log.info("synthetic pretraining: %d images (%d instances), %d epochs -> %s", len(pd.train),
+             sum(len(i.boxes) for i in pd.train), epochs, pre)
+    resume = cfg.resume and (pre / "last.pt").is_file()
+    history = fit(sam, key, pd.train, pd.val, cache, replace(cfg, epochs=epochs, resume=resume), pre, device, dist)
+    info_out = {**info, "val_iou": max((h["val_iou"] or 0) for h in history) if history else None}
+    if dist.is_main:
+        atomic_write_json(done, info)
+    return info_out
+
+
 def _records(items, preds, classes_of):
     from defectkit.converters.canonical import ImageRecord
     from defectkit.converters.instances import encode_rle, masks_to_boxes
@@ -611,6 +649,16 @@ def _main(args: argparse.Namespace, dist) -> dict:
     zero_shot = (instance_scores(test_inst, predict(sam, test_inst, cache, device, crop=cfg.crop))
                  if dist.is_main else None)
     t1 = time.perf_counter()
+    pretrain, label = None, cfg.model
+    if args.synthetic_pretrain > 0:
+        pretrain = synthetic_stage(sam, key, conv, cache, cfg, args.synthetic_pretrain,
+                                   args.pretrain_epochs if args.pretrain_epochs is not None else cfg.epochs,
+                                   run, device, dist)
+        label = f"{cfg.model} (synthetic pretrain {args.synthetic_pretrain})"
+        if dist.is_main:  # what the synthetic stage alone gives on the real test fold
+            pretrain["test"] = instance_scores(test_inst, predict(sam, test_inst, cache, device, crop=cfg.crop))
+        # --resume after a stop inside the synthetic stage: that stage continued, fine-tuning starts afresh
+        cfg = replace(cfg, resume=cfg.resume and (run / "last.pt").is_file())
     history = fit(sam, key, d.train, d.val, cache, cfg, run, device, dist) if cfg.epochs > 0 else []
     train_s = time.perf_counter() - t1
     if not dist.is_main:
@@ -620,9 +668,11 @@ def _main(args: argparse.Namespace, dist) -> dict:
                "box_as_mask": instance_scores(test_inst, box_as_mask(test_inst)),
                "zero_shot": zero_shot, "epochs_run": len(history), "train_seconds": train_s,
                "embedding_seconds": embed_s, "embeddings_computed": cache.misses,
-               **score_fine_tuned(sam, cache, d.test, d, key, cfg.model, run, device, cfg.crop),
+               **score_fine_tuned(sam, cache, d.test, d, key, label, run, device, cfg.crop),
                "base_decoder_changed": any(not torch.equal(base_state[k].cpu(), v.cpu())
                                            for k, v in sam.mask_decoder.state_dict().items())}
+    if pretrain:
+        metrics["synthetic_pretrain"] = pretrain
     if cfg.model == "tiny":
         how = "encoder included" if cfg.train_encoder else "with a random frozen encoder"
         metrics["note"] = f"tiny SAM (2-block ViT) trained from scratch, {how}: not SAM's results"
@@ -635,7 +685,7 @@ def _main(args: argparse.Namespace, dist) -> dict:
             gt_test,
             d.header,
             d.classes,
-            CascadeConfig(args.yolo_predictions, args.cascade_conf, cfg.model, cfg.crop),
+            CascadeConfig(args.yolo_predictions, args.cascade_conf, label, cfg.crop),
             run,
             device,
         )
@@ -661,6 +711,9 @@ def _print(metrics: dict, run: Path) -> None:
             else ""
         )
     )
+    if (p := metrics.get("synthetic_pretrain")) and p.get("test"):
+        print(f"after {p['images']} synthetic defects alone ({p['epochs']} epochs): mean IoU {p['test']['iou']:.3f} "
+              f"on the same instances")
     if metrics.get("note"):
         print(f"note: {metrics['note']}")
     print(f"run folder: {run}")

@@ -148,5 +148,8 @@ def export_onnx(run: Path, images: list[np.ndarray]) -> dict:
         "image_encoder": "image_encoder.onnx: (N, 3, S, S) preprocessed (resize longest side to S, pixel mean/std "
                          "of SAM, pad) -> embeddings",
         "decoder": "sam_decoder.onnx: segment-anything SamOnnxModel inputs (a box = 2 points, labels 2 and 3)",
+        "prompts": "sam.crop > 0: each box is segmented on its own square window, crop x the box's longer side "
+                   "(at least 24 px, shifted inside the image; defectkit.finetune.sam_core.prompt_window), which "
+                   "is encoded and decoded as an image of its own and pasted back; 0: the whole image",
         "check": check}})
     return {"onnx": str(out / "sam_decoder.onnx"), "spec": str(out / "model.json"), **check}

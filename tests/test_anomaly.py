@@ -241,6 +241,15 @@ def test_train_crops_are_seeded_by_position_and_inside_the_image():
     assert _Augmented(x, augment=False, crop=0).item(0, 0).shape == (1, 8, 12)
 
 
+def test_val_every_validates_every_n_epochs_and_after_the_last(synthetic_root, tmp_path):
+    m, run = _run(synthetic_root, tmp_path, "--model", "conv_ae", "--category", "washer", "--epochs", "5",
+                  "--val-every", "2", "--no-plots", "--patience", "99")
+    hist = json.loads((run / "history.json").read_text())
+    assert [h["val_auroc"] is not None for h in hist] == [False, True, False, True, True]
+    assert m["best_val_auroc"] == max(h["val_auroc"] for h in hist if h["val_auroc"] is not None)
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] in (1, 3, 4)
+
+
 def test_train_crop_is_refused_where_it_cannot_work(synthetic_root, tmp_path):
     from defectkit.core.errors import ConfigError
 

@@ -283,3 +283,37 @@ def test_trained_on_crops_the_decoder_beats_its_own_prompt_box(conv, tmp_path):
     fit = S.instance_scores(train, S.predict(sam, train, C.EmbeddingCache(sam, tmp_path / "c2", key), "cpu", crop=2))
     assert fit["iou"] > S.instance_scores(train, S.box_as_mask(train))["iou"] + 0.05
     assert json.loads((tmp_path / "run" / "deploy.json").read_text())["sam"]["crop"] == 2
+
+
+@pytest.mark.slow
+def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(conv, tmp_path, monkeypatch):
+    """--synthetic-pretrain: a first stage on painted defects (<run>/pretrain), the real fine-tuning starts
+    from its best.pt, a rerun reuses the finished stage, and the run is labelled by its recipe."""
+    from defectkit.finetune import synthetic_pretrain
+
+    monkeypatch.setattr(synthetic_pretrain, "WORK", tmp_path / "work")
+    starts = []
+    real_fit = S.fit
+
+    def spy(sam, key, train, val, cache, cfg, run, *a, **k):
+        starts.append((run.name, {n: v.clone() for n, v in sam.mask_decoder.state_dict().items()}))
+        return real_fit(sam, key, train, val, cache, cfg, run, *a, **k)
+
+    monkeypatch.setattr(S, "fit", spy)
+    args = ("--epochs", "1", "--pretrain-epochs", "2", "--synthetic-pretrain", "6", "--crop", "2", "--patience", "99")
+    m = S.main(_args(conv, tmp_path, *args))
+    run, pre = tmp_path / "run", tmp_path / "run" / "pretrain"
+    assert [name for name, _ in starts] == ["pretrain", "run"]
+    pre_best = torch.load(pre / "best.pt", weights_only=True)["mask_decoder"]
+    assert all(torch.equal(v, pre_best[k]) for k, v in starts[1][1].items())  # fine-tuning starts from it
+    assert not all(torch.equal(v, pre_best[k]) for k, v in starts[0][1].items())
+    sp = m["synthetic_pretrain"]
+    assert sp["images"] == 6 and sp["epochs"] == 2 and 0 <= sp["test"]["iou"] <= 1
+    assert len(json.loads((pre / "history.json").read_text())) == 2
+    header, _ = read_records(run / "predictions.jsonl")
+    assert header["model"] == "sam-tiny (synthetic pretrain 6)"
+    done = (pre / "done.json").stat().st_mtime_ns
+    starts.clear()
+    S.main(_args(conv, tmp_path, *args))  # a rerun reloads the finished stage instead of training it again
+    assert [name for name, _ in starts] == ["run"] and (pre / "done.json").stat().st_mtime_ns == done
+    assert all(torch.equal(v, pre_best[k]) for k, v in starts[0][1].items())
