@@ -46,7 +46,8 @@ MODEL ?= draem
 ANOMALY_ARGS_draem := --imgsz 128 --epochs 12 --batch 8 --lr 1e-3 --augment
 ANOMALY_ARGS ?= $(or $(ANOMALY_ARGS_$(MODEL)),--imgsz 128 --epochs 12 --augment)
 YOLO_MODEL ?= yolov8n-worldv2
-YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 34 --imgsz 256 --batch 8
+YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 34 --imgsz 256 --batch 8 --optimizer AdamW --lr0 0.002 \
+	--close-mosaic 34
 SAM_MODEL ?= tiny
 # the offline tiny SAM learns only with its encoder trained too, and each box segmented on its own crop
 # (README "SAM"); 16 epochs fit the demo's 8 minutes
