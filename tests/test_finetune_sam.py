@@ -219,10 +219,10 @@ def test_cascade_run_predicts_new_images_and_exports_sam_to_onnx(conv, tmp_path,
     yrun.mkdir()
     yolo = write_records(yrun / "predictions.jsonl", make_header("predictions", "yolo", header["classes"],
                                                                  header["data_root"]), [])
-    S.main(_args(conv, tmp_path, "--epochs", "1", "--yolo-predictions", yolo))
+    S.main(_args(conv, tmp_path, "--epochs", "1", "--yolo-predictions", yolo, "--crop", "2"))
     run = tmp_path / "run"
     spec = json.loads((run / "deploy.json").read_text())
-    assert spec["kind"] == "sam_cascade" and spec["yolo_run"] == str(yrun)
+    assert spec["kind"] == "sam_cascade" and spec["yolo_run"] == str(yrun) and spec["sam"]["crop"] == 2
     by_name = {r.image.replace("/", "_"): r for r in test}
     images = tmp_path / "new"
     images.mkdir()
