@@ -418,14 +418,11 @@ def amp_enabled(device: str) -> bool:
 def _step_state(state: TrainState, epoch: int, train_loss: float, val: float | None, seconds: float, model,
                 run: Path, writer: bool = True):
     """Record the epoch; on a validated epoch (``val`` not None) keep ``best.pt`` and count patience."""
-    improved = val is not None and (val > state.best + 1e-4 or state.best < 0)
-    if val is None:
-        pass
-    elif improved:
+    if val is not None and (val > state.best + 1e-4 or state.best < 0):
         state.best, state.stale = val, 0
         if writer:
             atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "val_auroc": val}, run / "best.pt")
-    else:
+    elif val is not None:
         state.stale += 1
     state.epoch = epoch
     state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_auroc": val, "seconds": seconds})

@@ -191,16 +191,14 @@ def sam_loss_module(sam, items, cache, cfg: SamTrainConfig, low: int, device: st
         in_window,
         jitter_boxes,
         low_res_targets,
-        prompt_window,
+        prompt_groups,
         sample_points,
     )
 
     def groups(it, ks):
-        """Instances that share an encoder pass: all of an image's (whole image), or one per crop, its
-        window taken around the instance's own box (so a frozen encoder's crops are cached)."""
-        if cfg.crop <= 0:
-            return [(prompt_window(None, it.hw, 0), ks)]
-        return [(prompt_window(it.boxes[k], it.hw, cfg.crop), [k]) for k in ks]
+        """Instances that share an encoder pass (:func:`prompt_groups`, windows around the un-jittered GT
+        boxes, so a frozen encoder's crops are cached), as indices into the item's instances."""
+        return [(w, [ks[j] for j in idx]) for w, idx in prompt_groups(it.boxes[ks], it.hw, cfg.crop)]
 
     class SamLoss(torch.nn.Module):
         def __init__(self):
@@ -447,9 +445,9 @@ def synthetic_stage(sam, key: str, conv: Path, cache, cfg: SamTrainConfig, n: in
     from defectkit.finetune.synthetic_pretrain import prepare
 
     if dist.is_main:
-        data = prepare(conv, n, cfg.seed, ("coco",), progress=not cfg.quiet)
+        prepare(conv, n, cfg.seed, ("coco",), progress=not cfg.quiet)
     dist.barrier()
-    data = data if dist.is_main else prepare(conv, n, cfg.seed, ("coco",))  # reused: written by rank 0
+    data = prepare(conv, n, cfg.seed, ("coco",))  # every rank: reuses what rank 0 wrote (its stamp matches)
     pre = run / "pretrain"
     pre.mkdir(exist_ok=True)
     info = {**data.info, "conversion": str(data.conversion), "epochs": epochs, "crop": cfg.crop,
