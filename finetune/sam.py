@@ -4,6 +4,7 @@
         --checkpoint work/weights/sam_vit_b_01ec64.pth --epochs 20
     python finetune/sam.py --data ... --model vit_b --checkpoint ... \\
         --yolo-predictions work/runs/yolo/<run>/predictions.jsonl     # + the cascade
+    python finetune/sam.py --data ... --anomaly-predictions work/runs/anomaly/<run>   # anomaly regions -> SAM
     python finetune/sam.py --data ... --model tiny --epochs 30        # offline: a 2-block ViT from scratch
     torchrun --nproc_per_node 2 finetune/sam.py --data ... --model vit_b --checkpoint ... --device cuda
 
@@ -24,8 +25,9 @@ the prompt encoder when trained) plus the base model's name and weights hash; ``
 continues ``last.pt``.  ``metrics.json`` compares the base model (zero-shot) with the fine-tuned
 one on the test fold (per-instance IoU and Dice, per defect type), and the cascade: YOLO boxes as
 prompts, scored as instance segmentation (mask AP, pycocotools) and as pixel masks (IoU per
-image, pixel AUROC of the mask scores).  ``predictions.jsonl`` and ``cascade_predictions.jsonl``
-use the canonical format.
+image, pixel AUROC of the mask scores).  ``--anomaly-predictions`` adds a second, class-agnostic
+cascade: an anomaly model's thresholded regions as the prompts (``cascade_anomaly_predictions.jsonl``),
+so SAM draws the masks of what the anomaly model found.  Every predictions file uses the canonical format.
 """
 
 from __future__ import annotations
@@ -84,7 +86,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--yolo-predictions", type=Path, default=None, help="canonical predictions of a YOLO run: the cascade"
     )
-    p.add_argument("--cascade-conf", type=float, default=0.25, help="box confidence for the cascade's pixel masks")
+    p.add_argument(
+        "--anomaly-predictions", type=Path, default=None,
+        help="an anomaly run (folder, one predictions file per category, or a file): its thresholded regions "
+             "prompt SAM, a class-agnostic anomaly -> SAM cascade (cascade_anomaly_predictions.jsonl)",
+    )
+    p.add_argument("--cascade-conf", type=float, default=None,
+                   help="box confidence the YOLO cascade keeps boxes at (default: the YOLO run's own, the peak of its "
+                        "val fold's F1 curve, in its deploy.json; 0.25 when it has none)")
     p.add_argument("--cache", type=Path, default=WORK / "cache" / "sam", help="image-embedding cache folder")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -493,28 +502,67 @@ def _records(items, preds, classes_of):
     return recs
 
 
+def resolve_cascade_conf(conf: float | None, predictions: Path) -> tuple[float, str]:
+    """The box confidence of the YOLO cascade and where it came from: ``--cascade-conf``, else the YOLO run's
+    val-chosen ``thresholds.box_conf`` (its ``deploy.json``, beside the predictions file), else 0.25."""
+    if conf is not None:
+        return conf, "--cascade-conf"
+    spec = Path(predictions).parent / "deploy.json"
+    if spec.is_file():
+        c = json.loads(spec.read_text()).get("thresholds", {}).get("box_conf")
+        if c is not None:
+            return float(c), f"{spec}: the peak of the val fold's box F1"
+    return 0.25, "default 0.25 (the YOLO run has no val-chosen box confidence)"
+
+
 @dataclass(frozen=True)
 class CascadeConfig:
-    yolo_predictions: Path
+    predictions: Path  # a predictions file, or a run folder (an anomaly run: one file per category)
     conf: float = 0.25
     sam_model: str = "tiny"
     crop: float = 0.0
+    out_name: str = "cascade_predictions.jsonl"
+
+
+def read_prompt_predictions(src: Path, classes: list[str]) -> tuple[dict, list, bool]:
+    """The boxes a cascade prompts SAM with: ``(header, records, class_aware)``.  Every predictions file
+    of ``src`` (an anomaly run trained with ``--category all`` has one per category) is read; a detector
+    of the data's classes gives a class-aware cascade, an anomaly model (or a one-class ``defect``
+    detector) a class-agnostic one.  Anything else is refused with the reason."""
+    from defectkit.converters.canonical import read_records
+    from defectkit.review.compare import find_prediction_files
+
+    files = [f for f in find_prediction_files([src]) if not f.name.startswith("cascade")]
+    header, recs = None, []
+    for f in files:
+        h, r = read_records(f)
+        if header is not None and h["classes"] != header["classes"]:
+            raise DataError(f"{f}: classes {h['classes']} differ from {files[0]}'s {header['classes']}")
+        header = header or h
+        recs += r
+    if header["classes"] == classes:
+        return header, recs, True
+    if header.get("kind_of_model") == "anomaly" or header["classes"] == ["defect"]:
+        return header, recs, False
+    raise DataError(
+        f"{files[0]} has classes {header['classes']}, the data has {classes}: use a detector trained on the "
+        "same conversion, or an anomaly model (or a one-class `defect` detector) for a class-agnostic cascade"
+    )
 
 
 def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig, run: Path, device: str) -> dict:
-    """YOLO boxes as prompts: instance masks scored by mask AP, pixel IoU and pixel AUROC/AUPRO (the
-    suite's metrics: images with neither a defect nor a kept box have no IoU and are left out)."""
-    from defectkit.converters.canonical import make_header, read_records, write_records
-    from defectkit.review.compare import pixel_score_map
+    """Boxes of another model (YOLO, or an anomaly model's thresholded regions) as prompts: instance masks
+    scored by mask AP (class-agnostic when the prompts carry no defect class), pixel IoU and pixel
+    AUROC/AUPRO (the suite's metrics: images with neither a defect nor a kept box have no IoU and are
+    left out).  An anomaly model's regions were already thresholded on its val fold: all are kept."""
+    from defectkit.converters.canonical import make_header, write_records
+    from defectkit.review.compare import _agnostic, pixel_score_map
     from defectkit.review.detection import coco_evaluate
     from defectkit.review.metrics import mean_defined, pixel_metrics
 
-    yh, ypreds = read_records(cfg.yolo_predictions)
-    if yh["classes"] != classes:
-        raise DataError(
-            f"{cfg.yolo_predictions} has classes {yh['classes']}, the data has {classes}: "
-            "use a YOLO run trained on the same conversion"
-        )
+    yh, ypreds, class_aware = read_prompt_predictions(cfg.predictions, classes)
+    anomaly = yh.get("kind_of_model") == "anomaly"
+    conf = -np.inf if anomaly else cfg.conf
     by_image = {r.image: r for r in ypreds}
     none = ([], np.zeros((0, 4)), np.zeros(0))
     meta = [
@@ -524,33 +572,47 @@ def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig
     boxes_by_item = {id(it): m[1] for it, m in zip(test_items, meta, strict=True)}
     preds = predict(sam, test_items, cache, device, lambda it: boxes_by_item[id(it)], cfg.crop)
     recs = _records(test_items, preds, meta)
+    extra = {"kind_of_model": "anomaly", "note": f"{yh['model']} regions (thresholded on its val fold) as "
+             "prompts; mask scores are its raw map values"} if anomaly else {}
     write_records(
-        run / "cascade_predictions.jsonl",
+        run / cfg.out_name,
         make_header(
             "predictions",
             f"{yh['model']}+sam-{cfg.sam_model}",
-            classes,
+            yh["classes"],
             header["data_root"],
             manifest=header.get("manifest"),
             fold="test",
-            yolo_run=str(cfg.yolo_predictions),
+            prompts_from=str(cfg.predictions),
+            **({"yolo_run": str(cfg.predictions), "box_conf": cfg.conf} if not anomaly else {}),
+            **extra,
         ),
         recs,
     )
     ious, score_maps, gts = [], [], []
     for it, rec, (masks, _prob, _), (_labels, _boxes, scores) in zip(test_items, recs, preds, meta, strict=True):
-        keep = np.asarray(scores) >= cfg.conf
+        keep = np.asarray(scores) >= conf
         pred_union = masks[keep].any(0) if keep.any() else np.zeros(it.hw, bool)
         gt_union = it.masks.any(0) if len(it.masks) else np.zeros(it.hw, bool)
         ious.append(iou_dice(pred_union, gt_union)[0])
         score_maps.append(pixel_score_map(rec, run, it.hw))  # from what was written, as the comparison does
         gts.append(gt_union)
     px = pixel_metrics(score_maps, gts)
+    if class_aware:
+        ap = {"mask_ap": coco_evaluate(gt_test, recs, classes, "segm"),
+              "box_ap_after_sam": coco_evaluate(gt_test, recs, classes, "bbox")}
+    else:
+        ap = {"mask_ap_class_agnostic": coco_evaluate(_agnostic(gt_test), _agnostic(recs), ["defect"], "segm"),
+              "box_ap_after_sam_class_agnostic": coco_evaluate(_agnostic(gt_test), _agnostic(recs), ["defect"],
+                                                               "bbox")}
     return {
-        "mask_ap": coco_evaluate(gt_test, recs, classes, "segm"),
-        "box_ap_after_sam": coco_evaluate(gt_test, recs, classes, "bbox"),
+        **ap,
+        "prompts": str(cfg.predictions),
+        "prompt_model": yh["model"],
+        "class_aware": class_aware,
+        "predictions": cfg.out_name,
         "pixel_iou_per_image": mean_defined(ious),
-        "cascade_conf": cfg.conf,
+        "cascade_conf": None if anomaly else cfg.conf,
         "pixel_auroc": px["auroc"],
         "pixel_aupro": px["aupro"],
     }
@@ -674,8 +736,9 @@ def _main(args: argparse.Namespace, dist) -> dict:
     if cfg.model == "tiny":
         how = "encoder included" if cfg.train_encoder else "with a random frozen encoder"
         metrics["note"] = f"tiny SAM (2-block ViT) trained from scratch, {how}: not SAM's results"
+    gt_test = [r for r in d.gt if r.fold == "test" and (not args.category or r.category == args.category)]
+    conf, conf_source = resolve_cascade_conf(args.cascade_conf, args.yolo_predictions or Path("."))
     if args.yolo_predictions:
-        gt_test = [r for r in d.gt if r.fold == "test" and (not args.category or r.category == args.category)]
         metrics["cascade"] = cascade(
             sam,
             cache,
@@ -683,31 +746,41 @@ def _main(args: argparse.Namespace, dist) -> dict:
             gt_test,
             d.header,
             d.classes,
-            CascadeConfig(args.yolo_predictions, args.cascade_conf, label, cfg.crop),
+            CascadeConfig(args.yolo_predictions, conf, label, cfg.crop),
             run,
             device,
+        ) | {"cascade_conf_source": conf_source}
+    if args.anomaly_predictions:
+        metrics["anomaly_cascade"] = cascade(
+            sam, cache, d.test, gt_test, d.header, d.classes,
+            CascadeConfig(args.anomaly_predictions, conf, label, cfg.crop,
+                          "cascade_anomaly_predictions.jsonl"),
+            run, device,
         )
     from defectkit.finetune.sam_deploy import write_spec
 
     write_spec(run, args, key, Path(args.yolo_predictions).resolve().parent if args.yolo_predictions else None,
-               args.cascade_conf)  # what predict on new images uses
+               conf)  # what predict on new images uses
     atomic_write_json(run / "metrics.json", metrics)
     _print(metrics, run)
     return metrics
 
 
+def _cascade_line(name: str, c: dict) -> str:
+    ap = c.get("mask_ap") or c["mask_ap_class_agnostic"]
+    agn = "" if c.get("class_aware", True) else " (class-agnostic)"
+    return (f"; {name} cascade mask AP50{agn} {ap['map50']:.3f}, pixel IoU {c['pixel_iou_per_image'] or 0:.3f}, "
+            f"pixel AUROC {c['pixel_auroc']:.3f}")
+
+
 def _print(metrics: dict, run: Path) -> None:
-    z, t, c = metrics["zero_shot"], metrics["fine_tuned"], metrics.get("cascade")
+    z, t = metrics["zero_shot"], metrics["fine_tuned"]
     print(
         f"SAM {metrics['model']} on the test fold ({z['instances']} instances, GT-box prompts): mean IoU "
         f"{z['iou']:.3f} zero-shot -> {t['iou']:.3f} fine-tuned (Dice {z['dice']:.3f} -> {t['dice']:.3f}; "
         f"the box itself as the mask: IoU {metrics['box_as_mask']['iou']:.3f})"
-        + (
-            f"; cascade mask AP50 {c['mask_ap']['map50']:.3f}, pixel IoU {c['pixel_iou_per_image'] or 0:.3f}, "
-            f"pixel AUROC {c['pixel_auroc']:.3f}"
-            if c
-            else ""
-        )
+        + (_cascade_line("YOLO", metrics["cascade"]) if "cascade" in metrics else "")
+        + (_cascade_line("anomaly", metrics["anomaly_cascade"]) if "anomaly_cascade" in metrics else "")
     )
     if (p := metrics.get("synthetic_pretrain")) and p.get("test"):
         print(f"after {p['images']} synthetic defects alone ({p['epochs']} epochs): mean IoU {p['test']['iou']:.3f} "

@@ -112,6 +112,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--close-mosaic", type=int, default=10)
     p.add_argument(
+        "--nbs",
+        type=int,
+        default=64,
+        help="Ultralytics' nominal batch: gradients are accumulated over nbs/batch batches per optimizer step; "
+        "--nbs equal to --batch steps after every batch (small data on a CPU: 8x the optimizer steps at batch 8)",
+    )
+    p.add_argument("--warmup-epochs", type=float, default=3.0, help="Ultralytics' warmup (lr and accumulation ramp)")
+    p.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -152,6 +160,8 @@ class YoloConfig:
     optimizer: str = "auto"
     lr: float | None = None
     close_mosaic: int = 10
+    nbs: int = 64
+    warmup_epochs: float = 3.0
     augment: bool = True
     cache: bool = False
     resume: bool = False
@@ -330,6 +340,8 @@ def train(cfg: YoloConfig, spec: dict, data_yaml: Path, run_dir: Path, source: s
         patience=cfg.patience,
         optimizer=cfg.optimizer,
         close_mosaic=cfg.close_mosaic,
+        nbs=cfg.nbs,
+        warmup_epochs=cfg.warmup_epochs,
         cache=cfg.cache,
         plots=True,
         pretrained=not cfg.from_scratch or str(source).endswith(".pt"),
@@ -337,6 +349,10 @@ def train(cfg: YoloConfig, spec: dict, data_yaml: Path, run_dir: Path, source: s
     )
     if cfg.lr is not None:
         overrides["lr0"] = cfg.lr
+    if cfg.optimizer.lower() not in ("auto", "sgd", "musgd"):
+        # Ultralytics' bias warmup starts at lr 0.1, tuned for SGD; an Adam-family step at 0.1 wrecks a
+        # from-scratch start (Ultralytics sets it to 0 itself only for optimizer=auto)
+        overrides["warmup_bias_lr"] = 0.0
     if not cfg.augment:
         overrides.update(NO_AUGMENT)
     _train_or_explain(model, trainer=trainer, **overrides)
@@ -447,7 +463,7 @@ def evaluate(
     """Test-fold metrics: Ultralytics' validator, pycocotools on canonical predictions, image AUROC."""
     from defectkit.converters.canonical import make_header, read_records, write_records
     from defectkit.finetune.yolo_deploy import image_threshold, write_spec
-    from defectkit.review.detection import coco_evaluate, image_auroc
+    from defectkit.review.detection import box_f1_conf, coco_evaluate, image_auroc
 
     metrics: dict = {}
     if ultralytics_val:
@@ -511,6 +527,10 @@ def evaluate(
     val = [r for r in gt if r.fold == "val"]
     val_preds = predict_records(model, val, Path(header["data_root"]), names, cfg, spec["task"])[0] if val else []
     metrics["thresholds"] = image_threshold(val, val_preds)
+    # the box confidence a detect-then-segment cascade keeps boxes at: the peak of the val fold's F1 curve
+    box = box_f1_conf(val, val_preds) if val_preds else None
+    metrics["thresholds"]["box_conf"] = None if box is None else box["conf"]
+    metrics["thresholds"]["box_at_conf"] = box
     write_spec(run_dir, cfg, spec, names, metrics["thresholds"])  # what predict on new images uses
     return metrics
 

@@ -9,9 +9,10 @@ too, as its own entry) and scored by the same code against the ground truth's te
 * detection mAP50 / mAP50-95 (pycocotools), class-aware when the run's classes are the ground
   truth's, and class-agnostic (every label -> ``defect``) for every run, anomaly models included;
 * instance-mask AP when the run has masks;
-* pixel IoU and Dice of the union of the masks with score >= ``--conf`` (anomaly runs' masks are
-  already thresholded on their val fold), mean over images with a defect or a prediction (an
-  image with neither has no IoU and is left out, as everywhere in the suite);
+* pixel IoU and Dice of the union of the masks with score >= the run's own box confidence (chosen
+  on its val fold, the peak of box F1: a cascade's header ``box_conf``, a YOLO run's ``deploy.json``),
+  else ``--conf`` (anomaly runs' masks are already thresholded on their val fold), mean over
+  images with a defect or a prediction (an image with neither has no IoU and is left out, as everywhere in the suite);
 * pixel AUROC, AUPRO and AP from anomaly maps, or from mask scores (score x mask), exact, at
   the ground truth's resolution (maps resized to each image's size), by ``review/metrics.py``;
 * image AUROC from image scores (the highest box confidence for detectors);
@@ -41,7 +42,7 @@ from defectkit.review.detection import coco_evaluate, image_auroc
 from defectkit.review.metrics import confusion_at, iou_dice, mean_defined, pixel_metrics, resize_map
 
 log = logging.getLogger("defectkit.compare")
-PRED_FILES = ("predictions.jsonl", "cascade_predictions.jsonl")
+PRED_FILES = ("predictions.jsonl", "cascade_predictions.jsonl", "cascade_anomaly_predictions.jsonl")
 
 
 def find_prediction_files(runs: list[Path]) -> list[Path]:
@@ -132,6 +133,20 @@ def run_threshold(path: Path, header: dict) -> float | None:
     return None
 
 
+def run_box_conf(path: Path, header: dict, default: float) -> float:
+    """The box confidence a detector's masks and boxes are kept at: the one its run chose on the val fold
+    (the cascade's header ``box_conf``; a YOLO run's ``deploy.json`` ``thresholds.box_conf``), else
+    ``default`` (``--conf``)."""
+    if header.get("box_conf") is not None:
+        return float(header["box_conf"])
+    spec = path.parent / "deploy.json"
+    if spec.is_file() and not path.name.startswith("cascade"):
+        c = json.loads(spec.read_text()).get("thresholds", {}).get("box_conf")
+        if c is not None:
+            return float(c)
+    return default
+
+
 @dataclass
 class PixelScores:
     """Per-image pixel results of one run: IoU/Dice of the union masks, and the score maps at the
@@ -171,8 +186,8 @@ def score_run(run: tuple, gt: list[ImageRecord], classes: list[str], conf: float
     out: dict = {"name": run_name(path, header), "files": [str(p) for p in paths], "model": header.get("model"),
                  "images": len(covered), "missing_images": len(gt) - len(covered)}
     # anomaly runs' masks were thresholded on their val fold; their scores are raw map values
-    run_conf = -np.inf if header.get("kind_of_model") == "anomaly" else conf
-    out["conf"] = None if run_conf == -np.inf else conf
+    run_conf = -np.inf if header.get("kind_of_model") == "anomaly" else run_box_conf(path, header, conf)
+    out["conf"] = None if run_conf == -np.inf else run_conf
     out.update(_detection_metrics(covered, preds, classes, header))
     out["image_auroc"] = image_auroc(covered, preds)
     px = pixel_scores(covered, by_image, dirs, path.parent, run_conf)
@@ -356,7 +371,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", type=Path, required=True, help="ground_truth.jsonl of a conversion")
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders or predictions files")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--conf", type=float, default=0.25,
+                   help="box confidence for runs that chose none on their val fold")
     p.add_argument("-q", "--quiet", action="store_true", help="write the table, do not print it")
     return p
 

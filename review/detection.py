@@ -129,3 +129,52 @@ def image_auroc(gt: Sequence[ImageRecord], pred: Sequence[ImageRecord]) -> float
     y = np.array([r.defect_type != "good" for r in gt], int)
     s = np.array([scores.get(r.image, 0.0) for r in gt], float)
     return auroc(s, y)
+
+
+def box_f1_conf(gt: Sequence[ImageRecord], pred: Sequence[ImageRecord], iou_thr: float = 0.5,
+                class_aware: bool = True) -> dict | None:
+    """The box confidence at which detection F1 (IoU >= ``iou_thr``) is highest: the peak of
+    Ultralytics' F1-confidence curve, as an operating point chosen on a val fold.
+
+    Matching is COCO's greedy one (per image and class, boxes by falling score, each to the
+    best-overlapping unmatched ground-truth box), so the matches among the boxes scored >= t are
+    the same for every t and one pass gives the whole curve.  Written here (not taken from
+    Ultralytics) because it must run on any canonical predictions file.  Returns
+    ``{"conf", "f1", "precision", "recall"}``, or None when either side has no box."""
+    from defectkit.converters.instances import box_iou
+
+    by = {p.image: p for p in pred}
+    scores, tp, n_gt = [], [], 0
+    for g in gt:
+        n_gt += len(g)
+        p = by.get(g.image)
+        if p is None or not len(p):
+            continue
+        ps = np.asarray(p.scores if p.scores is not None else np.ones(len(p)), float)
+        plab = list(p.labels) if class_aware else ["*"] * len(p)
+        glab = list(g.labels) if class_aware else ["*"] * len(g)
+        for c in set(plab):
+            pi = np.array([k for k, lab in enumerate(plab) if lab == c])
+            gi = np.array([k for k, lab in enumerate(glab) if lab == c])
+            pi = pi[np.argsort(-ps[pi], kind="stable")]
+            ious = box_iou(np.asarray(p.boxes_xyxy, float)[pi], np.asarray(g.boxes_xyxy, float)[gi]) if len(gi) \
+                else np.zeros((len(pi), 0))
+            used = np.zeros(len(gi), bool)
+            for row, k in enumerate(pi):
+                cand = np.where(~used & (ious[row] >= iou_thr))[0] if len(gi) else np.zeros(0, int)
+                hit = len(cand) > 0
+                if hit:
+                    used[cand[np.argmax(ious[row][cand])]] = True
+                scores.append(ps[k])
+                tp.append(hit)
+    if not scores or not n_gt:
+        return None
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    s, ctp = np.asarray(scores)[order], np.cumsum(np.asarray(tp)[order])
+    last = np.r_[s[1:] != s[:-1], True]  # a threshold keeps every box tied at its score
+    k = np.arange(1, len(s) + 1)
+    prec, rec = ctp / k, ctp / n_gt
+    f1 = np.where(ctp > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
+    f1 = np.where(last, f1, -1.0)
+    i = int(np.argmax(f1))
+    return {"conf": float(s[i]), "f1": float(max(f1[i], 0.0)), "precision": float(prec[i]), "recall": float(rec[i])}

@@ -172,6 +172,56 @@ def test_cascade_with_yolo_predictions(conv, tmp_path):
     assert h["model"] == "fake-yolo+sam-tiny" and len(recs) == len(test)
 
 
+def test_anomaly_regions_prompt_a_class_agnostic_cascade(conv, tmp_path, monkeypatch):
+    """An anomaly run (one predictions file per category, classes ["anomaly"], raw map values as scores far
+    below --cascade-conf) prompts SAM: every region is kept (they were thresholded on the anomaly run's val
+    fold), mask AP is class-agnostic, and the comparison lists the cascade beside the other runs.  SAM is
+    replaced by box-as-mask so the figures follow from the prompts alone: the prompts are the ground
+    truth's boxes, so the union IoU is that of boxes vs masks (> 0.3 here), 0 if the conf were applied."""
+    from defectkit.review.compare import compare
+
+    header, gt = read_records(conv / "ground_truth.jsonl")
+    test = [r for r in gt if r.fold == "test"]
+    anomaly_run = tmp_path / "anomaly-run"
+    fake = [ImageRecord(image=r.image, height=r.height, width=r.width, boxes_xyxy=r.boxes_xyxy,
+                        labels=["anomaly"] * len(r), scores=np.full(len(r), 0.05), image_score=0.05 * (len(r) > 0))
+            for r in test]
+    write_records(anomaly_run / "washer" / "predictions.jsonl",
+                  make_header("predictions", "draem", ["anomaly"], header["data_root"], kind_of_model="anomaly"),
+                  fake)
+
+    def box_masks(sam, items, cache, device, boxes_of=None, crop=0.0):
+        return S.box_as_mask([type("I", (), {"boxes": it.boxes if boxes_of is None else boxes_of(it),
+                                             "hw": it.hw})() for it in items])
+
+    monkeypatch.setattr(S, "predict", box_masks)
+    m = S.main(_args(conv, tmp_path, "--epochs", "0", "--anomaly-predictions", anomaly_run))
+    c = m["anomaly_cascade"]
+    assert c["class_aware"] is False and c["cascade_conf"] is None and "mask_ap" not in c
+    assert c["mask_ap_class_agnostic"]["map50"] > 0.5 and c["pixel_iou_per_image"] > 0.3
+    h, recs = read_records(tmp_path / "run" / "cascade_anomaly_predictions.jsonl")
+    assert h["model"] == "draem+sam-tiny" and h["classes"] == ["anomaly"] and h["kind_of_model"] == "anomaly"
+    assert sum(len(r) for r in recs) == sum(len(r) for r in test)
+    rows = compare(conv / "ground_truth.jsonl", [tmp_path / "run"], tmp_path / "cmp")
+    row = {r["name"]: r for r in rows}["draem+sam-tiny (cascade)"]
+    assert row["pixel_iou"] == pytest.approx(c["pixel_iou_per_image"])
+
+
+def test_cascade_box_confidence_comes_from_the_yolo_runs_val_fold(tmp_path):
+    from defectkit.review.compare import run_box_conf
+
+    run = tmp_path / "yolo"
+    run.mkdir()
+    preds = run / "predictions.jsonl"
+    assert S.resolve_cascade_conf(None, preds)[0] == 0.25  # no deploy.json
+    (run / "deploy.json").write_text(json.dumps({"thresholds": {"image": 0.1, "box_conf": 0.07}}))
+    assert S.resolve_cascade_conf(None, preds)[0] == 0.07
+    assert S.resolve_cascade_conf(0.5, preds) == (0.5, "--cascade-conf")
+    assert run_box_conf(preds, {}, 0.25) == 0.07
+    assert run_box_conf(run / "cascade_predictions.jsonl", {"box_conf": 0.3}, 0.25) == 0.3
+    assert run_box_conf(run / "cascade_predictions.jsonl", {}, 0.25) == 0.25
+
+
 def test_cascade_rejects_other_classes(conv, tmp_path):
     header, gt = read_records(conv / "ground_truth.jsonl")
     yolo = write_records(tmp_path / "y.jsonl", make_header("predictions", "y", ["other"], header["data_root"]), [])

@@ -78,6 +78,8 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
     spec = json.loads((run / "deploy.json").read_text())
     assert spec["kind"] == "yolo" and spec["thresholds"]["source"] == "val fold"
     assert m["thresholds"] == spec["thresholds"]
+    box = spec["thresholds"]["box_conf"]  # the cascade's box confidence, the peak of the val fold's box F1
+    assert box is None or box == spec["thresholds"]["box_at_conf"]["conf"]
     images = data_yaml.parent / "images" / "test"
     for args in (["predict", "--run", run, "--images", images, "--out", tmp_path / "p-torch"],
                  ["export", "--run", run],

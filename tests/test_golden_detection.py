@@ -98,3 +98,28 @@ def test_pixel_iou_and_dice_by_hand():
     pred = np.zeros((4, 4), bool)
     pred[0, :2] = pred[1, :2] = True  # 4 px, 2 of them on the defect
     assert iou_dice(pred, gt) == (pytest.approx(2 / 6), pytest.approx(4 / 8))
+
+
+def test_box_f1_conf_by_hand():
+    """The fixture above, boxes by falling score: .9 TP, .8 FP, .7 FP, .6 TP (IoU .625), .5 TP, of 4 defects.
+    F1 after each: .4, 1/3, 2/7, .5, 2*.6*.75/1.35 = 2/3 -> conf .5, precision .6, recall .75.
+    At IoU .65 B's box misses: .4, 1/3, 2/7, .25, 2*.4*.5/.9 = 4/9 (still at .5)."""
+    from defectkit.review.detection import box_f1_conf
+
+    r = box_f1_conf(GT, PRED)
+    assert r == pytest.approx({"conf": 0.5, "f1": 2 / 3, "precision": 0.6, "recall": 0.75})
+    assert box_f1_conf(GT, PRED, iou_thr=0.65)["f1"] == pytest.approx(4 / 9)
+    # two hits then three misses: the peak is at the second box's score
+    g = [_rec("D.png", [[0, 0, 10, 10], [20, 20, 30, 30]], ["crack", "crack"])]
+    p = [_rec("D.png", [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [40, 0, 50, 10], [0, 40, 10, 50]],
+              ["crack"] * 5, [0.9, 0.8, 0.3, 0.2, 0.1])]
+    assert box_f1_conf(g, p) == pytest.approx({"conf": 0.8, "f1": 1.0, "precision": 1.0, "recall": 1.0})
+    # a wrong class misses when class-aware, hits when not
+    p_hole = [_rec("D.png", [[0, 0, 10, 10], [20, 20, 30, 30]], ["hole", "crack"], [0.9, 0.8])]
+    assert box_f1_conf(g, p_hole)["f1"] == pytest.approx(0.5)
+    assert box_f1_conf(g, p_hole, class_aware=False)["f1"] == pytest.approx(1.0)
+    # boxes tied at a score are kept or dropped together: a hit and a miss at .8 -> precision .5
+    tie = [_rec("D.png", [[0, 0, 10, 10], [40, 40, 50, 50]], ["crack"] * 2, [0.8, 0.8])]
+    assert box_f1_conf([_rec("D.png", [[0, 0, 10, 10]], ["crack"])], tie) == pytest.approx(
+        {"conf": 0.8, "f1": 2 / 3, "precision": 0.5, "recall": 1.0})
+    assert box_f1_conf(g, []) is None
