@@ -46,8 +46,10 @@ MODEL ?= draem
 ANOMALY_ARGS_draem := --imgsz 128 --epochs 12 --batch 8 --lr 1e-3 --augment
 ANOMALY_ARGS ?= $(or $(ANOMALY_ARGS_$(MODEL)),--imgsz 128 --epochs 12 --augment)
 YOLO_MODEL ?= yolov8n-worldv2
-YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 34 --imgsz 256 --batch 8 --optimizer AdamW --lr0 0.002 \
-	--close-mosaic 34
+# --nbs 8: an optimizer step per batch of 8 (Ultralytics' nominal 64 would accumulate 8 batches: ~38 steps in
+# 34 epochs of 70 images instead of 306); README "YOLO-World and YOLO"
+YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 34 --imgsz 256 --batch 8 --optimizer AdamW --lr0 0.001 \
+	--nbs 8 --close-mosaic 34
 SAM_MODEL ?= tiny
 # the offline tiny SAM learns only with its encoder trained too, and each box segmented on its own crop
 # (README "SAM"); 16 epochs fit the demo's 8 minutes
@@ -118,7 +120,7 @@ demo: setup
 		$(MAKE) --no-print-directory $(ANOMALY_RUN)/.done
 	@$(STAGE) --step 4/7 --name "YOLO ($(YOLO_MODEL)) on the converted labels" --headline yolo:$(YOLO_RUN)/metrics.json -- \
 		$(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json
-	@$(STAGE) --step 5/7 --name "SAM ($(SAM_MODEL)) mask decoder and the YOLO->SAM cascade" \
+	@$(STAGE) --step 5/7 --name "SAM ($(SAM_MODEL)) mask decoder, the YOLO->SAM and $(MODEL)->SAM cascades" \
 		--headline sam:$(SAM_RUN)/metrics.json -- $(MAKE) --no-print-directory $(SAM_RUN)/metrics.json
 	@$(STAGE) --step 6/7 --name "comparison on the test fold" --headline compare:$(COMPARE_DIR)/comparison.json -- \
 		$(PY) -m defectkit.review.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR) -q
@@ -144,9 +146,9 @@ $(ANOMALY_RUN)/.done: $(MANIFEST)
 $(YOLO_RUN)/metrics.json: $(CONVERTED)
 	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) --out $(YOLO_RUN)
 
-$(SAM_RUN)/metrics.json: $(CONVERTED) $(YOLO_RUN)/metrics.json
+$(SAM_RUN)/metrics.json: $(CONVERTED) $(YOLO_RUN)/metrics.json $(ANOMALY_RUN)/.done
 	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) \
-		--yolo-predictions $(YOLO_RUN)/predictions.jsonl --out $(SAM_RUN)
+		--yolo-predictions $(YOLO_RUN)/predictions.jsonl --anomaly-predictions $(ANOMALY_RUN) --out $(SAM_RUN)
 
 # Use a trained run: RUN=<run folder> (an anomaly category folder or a YOLO run), IMAGES=<folder or glob>
 RUN ?= $(ANOMALY_RUN)/$(firstword $(subst all,,$(CATEGORY)) washer)
@@ -237,8 +239,9 @@ else
 	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) --out $(YOLO_RUN)
 endif
 
-# with CATEGORY=all, each category's SAM run uses its YOLO run for the cascade when that run exists
-SAM_YOLO_OF = $$(f=$(call RUN_OF,yolo,$(YOLO_MODEL))/predictions.jsonl; test -f $$f && echo --yolo-predictions $$f)
+# with CATEGORY=all, each category's SAM run uses its YOLO and anomaly runs for the cascades when they exist
+SAM_YOLO_OF = $$(f=$(call RUN_OF,yolo,$(YOLO_MODEL))/predictions.jsonl; test -f $$f && echo --yolo-predictions $$f) \
+	$$(d=$(call RUN_OF,anomaly,$(MODEL)); test -f $$d/{category}/predictions.jsonl && echo --anomaly-predictions $$d)
 finetune-sam: $(if $(filter all,$(CATEGORY)),split,convert)
 ifeq ($(CATEGORY),all)
 	$(SWEEP) --family sam --run '$(call RUN_OF,sam,$(SAM_MODEL))' --out $(SUMMARY_DIR)/sam-$(SAM_MODEL) \
@@ -246,7 +249,8 @@ ifeq ($(CATEGORY),all)
 		$(SAM_ARGS) --out $(call RUN_OF,sam,$(SAM_MODEL)) $(SAM_YOLO_OF)'
 else
 	$(TRAIN_PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --out $(SAM_RUN) \
-		$(if $(wildcard $(YOLO_RUN)/predictions.jsonl),--yolo-predictions $(YOLO_RUN)/predictions.jsonl)
+		$(if $(wildcard $(YOLO_RUN)/predictions.jsonl),--yolo-predictions $(YOLO_RUN)/predictions.jsonl) \
+		$(if $(wildcard $(ANOMALY_RUN)/.done),--anomaly-predictions $(ANOMALY_RUN))
 endif
 
 anomaly: split

@@ -141,6 +141,9 @@ def _headline_sam(p: Path) -> str:
     cas = m.get("cascade")
     if isinstance(cas, dict):
         out += f", cascade pixel IoU {_f(cas.get('pixel_iou_per_image'))}"
+    anom = m.get("anomaly_cascade")
+    if isinstance(anom, dict):
+        out += f", {anom.get('prompt_model', 'anomaly')}->SAM pixel IoU {_f(anom.get('pixel_iou_per_image'))}"
     return out
 
 

@@ -26,7 +26,8 @@ COLUMNS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
              ("train s", ("train_seconds",))],
     "sam": [("mask IoU (GT boxes)", ("fine_tuned", "iou")), ("zero-shot IoU", ("zero_shot", "iou")),
             ("cascade pixel IoU", ("cascade", "pixel_iou_per_image")),
-            ("cascade mask AP50", ("cascade", "mask_ap", "map50")), ("train s", ("train_seconds",))],
+            ("cascade mask AP50", ("cascade", "mask_ap", "map50")),
+            ("anomaly->SAM pixel IoU", ("anomaly_cascade", "pixel_iou_per_image")), ("train s", ("train_seconds",))],
 }
 # per model in a comparison (comparison.json's runs)
 COMPARE_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
