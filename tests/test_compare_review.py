@@ -155,7 +155,14 @@ def _look(url: str, tmp_path: Path) -> tuple[str, Path]:
     chromium, shot = _chromium(), tmp_path / "page.png"
     flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chrome'}"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    # the App fetches its samples from the server in real time, which virtual time does not wait for: on a
+    # loaded machine the first screenshot can catch the page before it paints; look again (at most 3 times)
+    for _ in range(3):
+        subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        img = cv2.imread(str(shot))
+        if img is not None and img.std() > 10:
+            break
+        time.sleep(5)
     return dom, shot
 
 
