@@ -245,3 +245,21 @@ print(generate_ddp_file(t))
     w = subprocess.run([sys.executable, str(script)], env=no_clip, cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)
     assert w.returncode == 0 and "worker ok" in w.stdout, w.stderr[-4000:]
+
+
+def test_optimizer_step_settings_reach_ultralytics(tmp_path, monkeypatch):
+    """--nbs / --warmup-epochs go to Ultralytics' trainer; with an Adam-family optimizer the bias warmup
+    lr (Ultralytics' 0.1, an SGD value) is zeroed, with SGD it is left to Ultralytics."""
+    from defectkit.finetune import yolo as Y
+
+    seen: dict = {}
+    monkeypatch.setattr(Y, "_train_or_explain", lambda model, **kw: seen.update(kw))
+    args = Y.get_args_parser().parse_args(["--model", "yolov8n", "--from-scratch", "--optimizer", "AdamW",
+                                           "--nbs", "8", "--warmup-epochs", "1", "--batch", "8"])
+    cfg = Y.YoloConfig.from_args(args)
+    Y.train(cfg, Y.MODELS["yolov8n"], tmp_path / "data.yaml", tmp_path / "run", "yolov8n.yaml")
+    assert seen["nbs"] == 8 and seen["warmup_epochs"] == 1.0 and seen["warmup_bias_lr"] == 0.0
+    seen.clear()
+    Y.train(Y.YoloConfig.from_args(Y.get_args_parser().parse_args(["--model", "yolov8n", "--optimizer", "SGD"])),
+            Y.MODELS["yolov8n"], tmp_path / "data.yaml", tmp_path / "run", "yolov8n.yaml")
+    assert seen["nbs"] == 64 and "warmup_bias_lr" not in seen  # Ultralytics' defaults
