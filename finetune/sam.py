@@ -505,13 +505,13 @@ def _records(items, preds, classes_of):
 def resolve_cascade_conf(conf: float | None, predictions: Path) -> tuple[float, str]:
     """The box confidence of the YOLO cascade and where it came from: ``--cascade-conf``, else the YOLO run's
     val-chosen ``thresholds.box_conf`` (its ``deploy.json``, beside the predictions file), else 0.25."""
+    from defectkit.review.compare import deploy_threshold
+
     if conf is not None:
         return conf, "--cascade-conf"
-    spec = Path(predictions).parent / "deploy.json"
-    if spec.is_file():
-        c = json.loads(spec.read_text()).get("thresholds", {}).get("box_conf")
-        if c is not None:
-            return float(c), f"{spec}: the peak of the val fold's box F1"
+    c = deploy_threshold(Path(predictions), "box_conf")
+    if c is not None:
+        return c, f"{Path(predictions).parent / 'deploy.json'}: the peak of the val fold's box F1"
     return 0.25, "default 0.25 (the YOLO run has no val-chosen box confidence)"
 
 
@@ -737,7 +737,9 @@ def _main(args: argparse.Namespace, dist) -> dict:
         how = "encoder included" if cfg.train_encoder else "with a random frozen encoder"
         metrics["note"] = f"tiny SAM (2-block ViT) trained from scratch, {how}: not SAM's results"
     gt_test = [r for r in d.gt if r.fold == "test" and (not args.category or r.category == args.category)]
-    conf, conf_source = resolve_cascade_conf(args.cascade_conf, args.yolo_predictions or Path("."))
+    # the anomaly cascade keeps all its regions; the confidence is the YOLO cascade's
+    conf, conf_source = (resolve_cascade_conf(args.cascade_conf, args.yolo_predictions) if args.yolo_predictions
+                         else (args.cascade_conf or 0.25, "no YOLO cascade"))
     if args.yolo_predictions:
         metrics["cascade"] = cascade(
             sam,

@@ -12,7 +12,8 @@ too, as its own entry) and scored by the same code against the ground truth's te
 * pixel IoU and Dice of the union of the masks with score >= the run's own box confidence (chosen
   on its val fold, the peak of box F1: a cascade's header ``box_conf``, a YOLO run's ``deploy.json``),
   else ``--conf`` (anomaly runs' masks are already thresholded on their val fold), mean over
-  images with a defect or a prediction (an image with neither has no IoU and is left out, as everywhere in the suite);
+  images with a defect or a prediction (an image with neither has no IoU and is left out, as
+  everywhere in the suite);
 * pixel AUROC, AUPRO and AP from anomaly maps, or from mask scores (score x mask), exact, at
   the ground truth's resolution (maps resized to each image's size), by ``review/metrics.py``;
 * image AUROC from image scores (the highest box confidence for detectors);
@@ -121,16 +122,22 @@ def load_runs(runs: list[Path]) -> dict[str, tuple[list[Path], dict, list[ImageR
     return out
 
 
+def deploy_threshold(path: Path, key: str) -> float | None:
+    """``thresholds[key]`` of the ``deploy.json`` beside a run's own predictions file (what the run chose on
+    its val fold), None when there is none; a cascade file's neighbour is the SAM run's, not its detector's."""
+    spec = path.parent / "deploy.json"
+    if not spec.is_file() or path.name.startswith("cascade"):
+        return None
+    t = json.loads(spec.read_text()).get("thresholds", {}).get(key)
+    return None if t is None else float(t)
+
+
 def run_threshold(path: Path, header: dict) -> float | None:
     """The image threshold a run chose on its val fold: in its predictions header (anomaly runs, one per
     category file) or its ``deploy.json`` (YOLO runs); None when it has none (SAM, the cascade)."""
     if header.get("image_threshold") is not None:
         return float(header["image_threshold"])
-    spec = path.parent / "deploy.json"
-    if spec.is_file() and not path.name.startswith("cascade"):
-        t = json.loads(spec.read_text()).get("thresholds", {}).get("image")
-        return None if t is None else float(t)
-    return None
+    return deploy_threshold(path, "image")
 
 
 def run_box_conf(path: Path, header: dict, default: float) -> float:
@@ -139,12 +146,8 @@ def run_box_conf(path: Path, header: dict, default: float) -> float:
     ``default`` (``--conf``)."""
     if header.get("box_conf") is not None:
         return float(header["box_conf"])
-    spec = path.parent / "deploy.json"
-    if spec.is_file() and not path.name.startswith("cascade"):
-        c = json.loads(spec.read_text()).get("thresholds", {}).get("box_conf")
-        if c is not None:
-            return float(c)
-    return default
+    c = deploy_threshold(path, "box_conf")
+    return default if c is None else c
 
 
 @dataclass

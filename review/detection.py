@@ -161,7 +161,7 @@ def box_f1_conf(gt: Sequence[ImageRecord], pred: Sequence[ImageRecord], iou_thr:
                 else np.zeros((len(pi), 0))
             used = np.zeros(len(gi), bool)
             for row, k in enumerate(pi):
-                cand = np.where(~used & (ious[row] >= iou_thr))[0] if len(gi) else np.zeros(0, int)
+                cand = np.where(~used & (ious[row] >= iou_thr))[0]
                 hit = len(cand) > 0
                 if hit:
                     used[cand[np.argmax(ious[row][cand])]] = True
