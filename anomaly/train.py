@@ -23,8 +23,9 @@ A non-finite loss stops the run with an error naming the epoch and step.
 
 Run folder (``--out``, default ``work/runs/anomaly/<data>-<category>-<model>``): ``run_args.json``,
 ``last.pt`` / ``best.pt`` (tensors and plain values only: loaded with ``weights_only=True``),
-``history.json``, ``metrics.json`` (image AUROC / AP / F1-max per defect type; pixel AUROC,
-AUPRO@30%, pixel AP and F1-max computed exactly at the ground truth's resolution; latent kNN /
+``history.json``, ``metrics.json`` (image AUROC / AP / F1-max, AUROC per defect type; pixel AUROC,
+AUPRO@30%, pixel AP and F1-max computed exactly at the ground truth's resolution, pixel AUROC per
+defect type; latent kNN /
 PCA AUROC, thresholds, timing), ``scores.csv``, ``maps/*.npy`` (float16, test fold, model
 resolution), ``predictions.jsonl`` (canonical: thresholded maps as masks and boxes) and ``plots/``.
 """
@@ -563,7 +564,7 @@ def score_test_fold(cfg: RunConfig, scorer, model, data: CategoryData, test_maps
     out: dict = {"image": M.image_metrics(scores, y, [e.defect_type for e in data.test_e])}
     if thr.pixel is not None:
         out["pixel"] = M.pixel_metrics([M.resize_map(a, m.shape) for a, m in zip(test_maps, masks, strict=True)],
-                                       masks)
+                                       masks, types=[e.defect_type for e in data.test_e])
         out["pixel"]["map_resolution"] = cfg.model.imgsz
     out["image"]["at_threshold"] = {**M.confusion_at(scores, y, thr.image), "rule": thr.rule}
     if model is not None:  # encoder-latent scoring on the same model
@@ -732,6 +733,10 @@ def _print(m: dict, run: Path) -> None:
           + (f", pixel AUROC {px['auroc']:.3f}, AUPRO@30% {px['aupro']:.3f}" if px else "")
           + (f", latent kNN AUROC {m['latent_knn_auroc']:.3f}" if "latent_knn_auroc" in m else "")
           + f"; trained in {m['train_seconds']:.0f}s, {m['images_per_s']:.1f} images/s")
+    if px.get("per_type_auroc"):
+        print("per defect type, image / pixel AUROC against the good test images: " + ", ".join(
+            f"{t} {m['image'].get('per_type_auroc', {}).get(t, float('nan')):.3f} / {a:.3f}"
+            for t, a in px["per_type_auroc"].items()))
     op = m["image"].get("at_threshold")
     if op:
         print(f"at the threshold chosen on validation ({op['rule']}): {op['fp']} of {op['fp'] + op['tn']} good test "

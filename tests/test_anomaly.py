@@ -134,6 +134,7 @@ def test_every_reconstruction_model_trains_and_scores(synthetic_root, tmp_path, 
     assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]  # the loss falls
     assert 0 <= m["image"]["auroc"] <= 1 and 0 <= m["pixel"]["auroc"] <= 1 and 0 <= m["pixel"]["aupro"] <= 1
     assert set(m["image"]["per_type_auroc"]) == {"contamination", "hole", "scratch", "stain"}
+    assert set(m["pixel"]["per_type_auroc"]) == set(m["image"]["per_type_auroc"])
     assert {"latent_knn_auroc", "latent_pca_auroc", "thresholds"} <= set(m)
     assert m["thresholds"]["source"] == "val fold"
     header, recs = read_records(run / "predictions.jsonl")

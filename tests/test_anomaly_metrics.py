@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from defectkit.core.errors import DataError
 from defectkit.review import metrics as M
 
 
@@ -91,6 +92,18 @@ def test_pixel_and_image_reports_agree_with_sklearn():
     im = M.image_metrics(scores, labels, types)
     assert im["auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert im["per_type_auroc"] == {"crack": 1.0, "hole": pytest.approx(2 / 3)}
+
+
+def test_per_type_pixel_auroc_by_hand():
+    # one row of two pixels per image; each type is scored against the good images' pixels only
+    maps = [np.array([[0.1, 0.5]]), np.array([[0.9, 0.3]]), np.array([[0.4, 0.2]])]
+    masks = [np.array([[0, 0]], bool), np.array([[1, 0]], bool), np.array([[1, 1]], bool)]
+    p = M.pixel_metrics(maps, masks, types=["good", "crack", "uneven"])
+    # crack: 0.9 beats 0.1, 0.5 and its own image's 0.3 -> 1; uneven: 0.4 and 0.2 each beat 0.1 only -> 2/4
+    assert p["per_type_auroc"] == {"crack": 1.0, "uneven": 0.5}
+    assert p["auroc"] == pytest.approx(6 / 9)  # pooled: 3 + 2 + 1 of 9 pairs
+    with pytest.raises(DataError, match="2 defect types but 3 masks"):
+        M.pixel_metrics(maps, masks, types=["good", "crack"])
 
 
 def test_thresholds():
