@@ -186,9 +186,13 @@ def pixel_metrics(maps, masks, max_fpr: float = 0.3, types: Sequence[str] | None
         t = np.asarray(list(types))
         if len(t) != len(masks):
             raise DataError(f"{len(t)} defect types but {len(masks)} masks")
-        pixel_type = np.repeat(t, [m.size for m in masks])
-        keep = {d: np.isin(pixel_type, ["good", d]) for d in sorted(set(t) - {"good"})}
-        out["per_type_auroc"] = {str(d): auroc(s[k], y[k]) for d, k in keep.items()}
+        edges = np.cumsum([0, *(m.size for m in masks)])  # image i's pixels are s[edges[i]:edges[i + 1]]
+        out["per_type_auroc"] = {}
+        for d in sorted(set(t) - {"good"}):
+            idx = np.flatnonzero(np.isin(t, ["good", d]))
+            ss = np.concatenate([s[edges[i] : edges[i + 1]] for i in idx])  # copies of just these images
+            ys = np.concatenate([y[edges[i] : edges[i + 1]] for i in idx])
+            out["per_type_auroc"][str(d)] = auroc(ss, ys) if ys.any() else float("nan")  # nan: no defect pixel
     return out
 
 
