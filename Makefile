@@ -49,7 +49,7 @@ YOLO_MODEL ?= yolov8n-worldv2
 # --nbs 8: an optimizer step per batch of 8 (Ultralytics' nominal 64 would accumulate 8 batches: ~60 steps in
 # 56 epochs of 70 images instead of 504); 56 epochs: mAP50 0.53 against 0.31 at 34; README "YOLO-World and YOLO"
 # real categories need longer from scratch (magnetic_tile learns nothing for ~25 epochs): e.g.
-# YOLO_ARGS="... --epochs 80 --close-mosaic 80 --synthetic-pretrain 200 --pretrain-epochs 8" (agnostic mAP50 0.275)
+# YOLO_ARGS="... --epochs 120 --close-mosaic 120 --synthetic-pretrain 200 --pretrain-epochs 8" (agnostic mAP50 0.384)
 YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 56 --imgsz 256 --batch 8 --optimizer AdamW --lr0 0.001 \
 	--nbs 8 --close-mosaic 56
 SAM_MODEL ?= tiny
