@@ -66,3 +66,22 @@ def progress(iterable: Iterable | None = None, *, desc: str = "", total: int | N
 
         return tqdm(iterable, desc=desc, total=total, initial=initial, leave=leave, unit=unit)
     return LineProgress(iterable, desc, total, initial, every, unit=unit)
+
+
+def plain_ultralytics_bars() -> bool:
+    """Make Ultralytics' own bars print one line when they close, not redraws, when stdout is not a terminal.
+
+    Ultralytics redraws its bar with carriage returns ten times a second wherever it writes, so a
+    redirected ``python finetune/yolo.py > log`` grows lines of tens of thousands of characters; its
+    quiet line-per-bar mode is switched on only under GitHub Actions. Returns whether it was switched on.
+    """
+    if sys.stdout.isatty():
+        return False
+    try:
+        from ultralytics.utils import tqdm as ultralytics_tqdm
+    except ImportError:  # an Ultralytics without its own bar (<8.3.160) uses tqdm, which handles this itself
+        return False
+    if not hasattr(ultralytics_tqdm, "is_noninteractive_console"):
+        return False
+    ultralytics_tqdm.is_noninteractive_console = lambda: True
+    return True

@@ -44,6 +44,7 @@ from pathlib import Path
 from defectkit.core.atomic import atomic_write_json
 from defectkit.core.errors import ConfigError, DataError, MissingFileError, TrainingError
 from defectkit.core.paths import WORK
+from defectkit.core.progress import plain_ultralytics_bars
 
 log = logging.getLogger("defectkit.finetune.yolo")
 
@@ -198,6 +199,7 @@ def _setup_env() -> None:
     """Ultralytics writes settings to a config dir and goes online unless told not to."""
     os.environ.setdefault("YOLO_CONFIG_DIR", str(WORK / "ultralytics"))
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    plain_ultralytics_bars()
 
 
 def resolve_weights(cfg: YoloConfig, spec: dict) -> str:

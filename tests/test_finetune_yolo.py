@@ -52,6 +52,10 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
     r = _run(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
               *COMMON, "--project", tmp_path / "runs", "--name", "w"], no_clip, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
+    # output to a pipe: Ultralytics' bars print one line as they close, never carriage-return redraws
+    # (text mode turns "\r" into "\n", so look for the erase-line code that follows each redraw's "\r")
+    assert "\x1b[K" not in r.stdout + r.stderr
+    assert any(line.lstrip().startswith("1/1") for line in (r.stdout + r.stderr).splitlines())
     run = tmp_path / "runs" / "w"
     assert (run / "weights" / "best.pt").is_file() and (run / "weights" / "last.pt").is_file()
     assert (run / "args.yaml").is_file() and (run / "run_args.json").is_file()
