@@ -71,7 +71,7 @@ def build_head(spec: dict, run: Path, device: str = "cpu"):
     """The run's :class:`AnomalyHead` with its best weights (``weights_only`` load), in eval mode."""
     import torch
 
-    from defectkit.anomaly.models import build_model
+    from defectkit.anomaly.registry import build_model
     from defectkit.anomaly.scoring import AnomalyHead
 
     m, s = spec["model"], spec["score"]

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectkit.anomaly.models import UNetAE, _down, _up, _widths
+from defectkit.anomaly.blocks import down, up, widths
+from defectkit.anomaly.models import UNetAE
 from defectkit.anomaly.scoring import AnomalyHead, Scorer
 
 
@@ -30,15 +31,15 @@ class SegUNet(nn.Module):
 
     def __init__(self, cin: int, base: int = 16, depth: int = 4):
         super().__init__()
-        w = _widths(base, depth)
+        w = widths(base, depth)
         self.stem = nn.Sequential(nn.Conv2d(cin, base, 3, 1, 1), nn.BatchNorm2d(base), nn.ReLU(True))
-        self.downs = nn.ModuleList(_down(a, b) for a, b in zip([base, *w[:-1]], w, strict=True))
+        self.downs = nn.ModuleList(down(a, b) for a, b in zip([base, *w[:-1]], w, strict=True))
         self.ups = nn.ModuleList()
         self.fuse = nn.ModuleList()
         chans = [base, *w[:-1]]  # resolution of each skip, shallow to deep
         for i in range(depth):
             cin_up = w[depth - 1 - i] if i == 0 else chans[depth - i]
-            self.ups.append(_up(cin_up, chans[depth - 1 - i]))
+            self.ups.append(up(cin_up, chans[depth - 1 - i]))
             self.fuse.append(nn.Conv2d(2 * chans[depth - 1 - i], chans[depth - 1 - i], 3, 1, 1))
         self.head = nn.Conv2d(base, 2, 1)
 
@@ -49,8 +50,8 @@ class SegUNet(nn.Module):
             x = d(x)
             skips.append(x)
         x = skips.pop()
-        for up, fuse in zip(self.ups, self.fuse, strict=True):
-            x = up(x)
+        for stage, fuse in zip(self.ups, self.fuse, strict=True):
+            x = stage(x)
             x = F.relu(fuse(torch.cat([x, skips.pop()], 1)))
         return self.head(x)
 

@@ -11,27 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from defectkit.core.errors import ConfigError
-
-
-def _down(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True),
-                         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True))
-
-
-def _up(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.LeakyReLU(0.2, True),
-        nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.LeakyReLU(0.2, True),
-    )
-
-
-def _widths(base: int, depth: int) -> list[int]:
-    return [min(base * 2**i, base * 8) for i in range(depth)]
+from defectkit.anomaly.blocks import down, up, widths
 
 
 class ConvAE(nn.Module):
@@ -39,14 +19,14 @@ class ConvAE(nn.Module):
 
     def __init__(self, in_ch: int = 3, base: int = 32, depth: int = 4, latent: int = 64):
         super().__init__()
-        w = _widths(base, depth)
+        w = widths(base, depth)
         self.encoder = nn.Sequential(
-            *[_down(cin, cout) for cin, cout in zip([in_ch, *w[:-1]], w, strict=True)], nn.Conv2d(w[-1], latent, 1)
+            *[down(cin, cout) for cin, cout in zip([in_ch, *w[:-1]], w, strict=True)], nn.Conv2d(w[-1], latent, 1)
         )
         self.decoder = nn.Sequential(
             nn.Conv2d(latent, w[-1], 1),
             nn.LeakyReLU(0.2, True),
-            *[_up(cin, cout) for cin, cout in zip(w[::-1], [*w[::-1][1:], base], strict=True)],
+            *[up(cin, cout) for cin, cout in zip(w[::-1], [*w[::-1][1:], base], strict=True)],
             nn.Conv2d(base, in_ch, 3, 1, 1),
             nn.Sigmoid(),
         )
@@ -69,8 +49,8 @@ class UNetAE(nn.Module):
         super().__init__()
         self.depth = depth
         self.skips = tuple(range(2, depth - 1)) if skips is None else tuple(skips)
-        w = _widths(base, depth)
-        self.downs = nn.ModuleList(_down(cin, cout) for cin, cout in zip([in_ch, *w[:-1]], w, strict=True))
+        w = widths(base, depth)
+        self.downs = nn.ModuleList(down(cin, cout) for cin, cout in zip([in_ch, *w[:-1]], w, strict=True))
         self.bottleneck = nn.Sequential(
             nn.Conv2d(w[-1], latent, 1), nn.LeakyReLU(0.2, True), nn.Conv2d(latent, w[-1], 1)
         )
@@ -80,7 +60,7 @@ class UNetAE(nn.Module):
         for i in range(depth):
             cin = w[depth - 1 - i]
             cout = w[depth - 2 - i] if i < depth - 1 else base
-            self.ups.append(_up(cin, cout))
+            self.ups.append(up(cin, cout))
             level = depth - 2 - i
             self.ups.append(nn.Conv2d(cout * 2, cout, 1) if level in self.skips else nn.Identity())
         self.head = nn.Sequential(nn.Conv2d(base, in_ch, 3, 1, 1), nn.Sigmoid())
@@ -142,7 +122,7 @@ class ConvVAE(nn.Module):
         super().__init__()
         ae = ConvAE(in_ch, base, depth, latent)
         self.encoder = ae.encoder[:-1]
-        w = _widths(base, depth)
+        w = widths(base, depth)
         self.mu = nn.Conv2d(w[-1], latent, 1)
         self.logvar = nn.Conv2d(w[-1], latent, 1)
         self.decoder = ae.decoder
@@ -157,33 +137,3 @@ class ConvVAE(nn.Module):
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         self.kl = -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
         return self.decoder(z)
-
-
-MODELS = {"conv_ae": ConvAE, "unet_ae": UNetAE, "fc_ae": FCAE, "vae": ConvVAE}
-
-
-def build_model(
-    name: str,
-    in_ch: int,
-    size: int,
-    base: int = 32,
-    depth: int = 4,
-    latent: int | None = None,
-    skips: tuple[int, ...] | None = None,
-) -> nn.Module:
-    """A model from :data:`MODELS` for ``in_ch``-channel ``size`` px inputs."""
-    if name not in (*MODELS, "draem"):
-        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    if name != "fc_ae" and size % 2**depth:
-        raise ConfigError(f"input size {size} must be a multiple of 2**depth = {2**depth}")
-    if name == "fc_ae":
-        return FCAE(in_ch, size, latent=latent or 32)
-    if name == "draem":
-        from defectkit.anomaly.draem import Draem
-
-        return Draem(in_ch, base, depth, latent or 64)
-    if name == "unet_ae":
-        return UNetAE(in_ch, base, depth, latent or 64, skips)
-    if name == "vae":
-        return ConvVAE(in_ch, base, depth, latent or 16)
-    return ConvAE(in_ch, base, depth, latent or 64)

@@ -360,7 +360,7 @@ def fit_reconstruction(cfg: RunConfig, run: Path, train_x: np.ndarray, val_x: np
     return ``(None, history)``."""
     import torch
 
-    from defectkit.anomaly.models import build_model
+    from defectkit.anomaly.registry import build_model
     from defectkit.anomaly.scoring import Scorer
     from defectkit.core.distributed import Dist
     from defectkit.core.progress import progress

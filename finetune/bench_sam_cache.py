@@ -24,16 +24,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     from defectkit.converters.canonical import read_records
     from defectkit.finetune import sam as S
+    from defectkit.finetune import sam_data, sam_train
     from defectkit.finetune.sam_core import EmbeddingCache, load_sam
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=S.default_data())
+    p.add_argument("--data", type=Path, default=sam_data.default_data())
     p.add_argument("--model", default="tiny")
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--images", type=int, default=16, help="training images used")
     a = p.parse_args(argv)
     header, gt = read_records(a.data / "ground_truth.jsonl")
-    items = [it for it in S.load_items(gt, Path(header["data_root"]), "train", None) if len(it.boxes)][: a.images]
+    items = [it for it in sam_data.load_items(gt, Path(header["data_root"]), "train", None) if len(it.boxes)][: a.images]
     sam, key = load_sam(a.model, a.checkpoint)
     args = S.get_args_parser().parse_args(["--batch", "8", "--model", a.model])
     rng = np.random.default_rng(0)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         low = sam.image_encoder.img_size // 4
         nc = NoCache(sam, tmp / "none", key)
         t = time.perf_counter()
-        S.train_one_epoch(S.sam_loss_module(sam, items, nc, args, low, "cpu"), items, opt, args, rng)
+        sam_train.train_one_epoch(sam_train.sam_loss_module(sam, items, nc, args, low, "cpu"), items, opt, args, rng)
         uncached = time.perf_counter() - t
         cache = EmbeddingCache(sam, tmp / "cache", key)
         t = time.perf_counter()
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         fill = time.perf_counter() - t
         cache.memory.clear()  # read from disk, as a later run does
         t = time.perf_counter()
-        S.train_one_epoch(S.sam_loss_module(sam, items, cache, args, low, "cpu"), items, opt, args, rng)
+        sam_train.train_one_epoch(sam_train.sam_loss_module(sam, items, cache, args, low, "cpu"), items, opt, args, rng)
         cached = time.perf_counter() - t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -43,15 +43,15 @@ def read_spec(run: Path) -> dict:
 def load_sam_run(run: Path, spec: dict, device: str = "cpu"):
     """``(sam, cache)``: the base model with the run's fine-tuned decoder; the cache object gives the
     resize transform (its folder is a temporary one: embeddings of new images are not kept)."""
-    from defectkit.finetune.sam import _load_trained
     from defectkit.finetune.sam_core import EmbeddingCache, load_sam
+    from defectkit.finetune.sam_train import load_trained
 
     s = spec["sam"]
     sam, key = load_sam(s["model"], Path(s["checkpoint"]) if s["checkpoint"] else None, s["imgsz"], s["seed"])
     weights = Path(run) / spec["weights"]
     if not weights.is_file():
         raise MissingFileError(f"{weights} not found: the run has no trained decoder")
-    _load_trained(sam, weights, key, device)
+    load_trained(sam, weights, key, device)
     sam.to(device).eval()
     return sam, EmbeddingCache(sam, Path(tempfile.mkdtemp(prefix="defectkit-sam-")), key, device)
 

@@ -35,121 +35,17 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.converters.canonical import ImageRecord, read_records
-from defectkit.converters.instances import box_iou, decode_rle
+from defectkit.converters.instances import box_iou
 from defectkit.core.atomic import atomic_write_json, atomic_write_text
 from defectkit.core.cli import run_cli
-from defectkit.core.errors import DataError, MissingFileError
+from defectkit.core.errors import DataError
 from defectkit.review.detection import coco_evaluate, image_auroc
-from defectkit.review.metrics import confusion_at, iou_dice, mean_defined, pixel_metrics, resize_map
+from defectkit.review.metrics import confusion_at, iou_dice, mean_defined, pixel_metrics
+from defectkit.review.predictions import agnostic, load_runs, pixel_score_map, run_box_conf, run_name, union_mask
+from defectkit.review.report import write_report
+from defectkit.review.tables import table
 
 log = logging.getLogger("defectkit.compare")
-PRED_FILES = ("predictions.jsonl", "cascade_predictions.jsonl", "cascade_anomaly_predictions.jsonl")
-
-
-def find_prediction_files(runs: list[Path]) -> list[Path]:
-    files = []
-    for r in runs:
-        r = Path(r)
-        if r.is_file():
-            files.append(r)
-            continue
-        found = [r / f for f in PRED_FILES if (r / f).is_file()]
-        if not found:  # a run per category (anomaly/train.py --category all)
-            found = sorted(p for f in PRED_FILES for p in r.glob(f"*/{f}"))
-        if not found:
-            raise MissingFileError(f"{r} has no predictions.jsonl: is it a run folder of this suite?")
-        files += found
-    return files
-
-
-def _agnostic(records: list[ImageRecord]) -> list[ImageRecord]:
-    out = []
-    for r in records:
-        c = ImageRecord(**{**r.__dict__})
-        c.labels = ["defect"] * len(r)
-        out.append(c)
-    return out
-
-
-def _union(rec: ImageRecord | None, hw, conf: float) -> np.ndarray | None:
-    if rec is None or rec.masks is None:
-        return None
-    m = np.zeros(hw, bool)
-    for k, rle in enumerate(rec.masks):
-        if rec.scores is None or rec.scores[k] >= conf:
-            m |= decode_rle(rle)
-    return m
-
-
-def pixel_score_map(rec: ImageRecord, run_dir: Path, hw) -> np.ndarray | None:
-    """A per-pixel score map at image size: the anomaly map if any, else max(score x mask): the one
-    definition every pixel AUROC of a predictions file uses (the comparison, the SAM cascade)."""
-    if rec.anomaly_map:
-        path = run_dir / rec.anomaly_map
-        if not path.is_file():
-            raise MissingFileError(f"{path} (anomaly map of {rec.image}) does not exist")
-        return resize_map(np.load(path).astype(np.float32), hw)
-    if rec.masks is None:
-        return None
-    s = np.zeros(hw, np.float32)
-    for k, rle in enumerate(rec.masks):
-        s = np.maximum(s, decode_rle(rle) * float(rec.scores[k] if rec.scores is not None else 1.0))
-    return s
-
-
-def run_name(path: Path, header: dict) -> str:
-    return header.get("model", path.parent.name) + (" (cascade)" if path.name.startswith("cascade") else "")
-
-
-def load_runs(runs: list[Path]) -> dict[str, tuple[list[Path], dict, list[ImageRecord], dict[str, Path]]]:
-    """Every prediction file of ``runs``, read once, grouped by model: several files of one model
-    (one anomaly run per category) become one run.  ``{name: (paths, header, records, run folder
-    per image)}``."""
-    out: dict[str, tuple[list[Path], dict, list[ImageRecord], dict[str, Path]]] = {}
-    for p in find_prediction_files(runs):
-        h, recs = read_records(p)
-        name = run_name(p, h)
-        if name not in out:
-            out[name] = ([], h, [], {})
-        paths, header, preds, dirs = out[name]
-        if h["classes"] != header["classes"]:
-            raise DataError(f"{p}: classes {h['classes']} differ from {paths[0]}'s {header['classes']}")
-        paths.append(p)
-        preds += recs
-        dirs.update({r.image: p.parent for r in recs})
-        thr = run_threshold(p, h)
-        header.setdefault("_image_thresholds", {}).update({r.image: thr for r in recs if thr is not None})
-    return out
-
-
-def deploy_threshold(path: Path, key: str) -> float | None:
-    """``thresholds[key]`` of the ``deploy.json`` beside a run's own predictions file (what the run chose on
-    its val fold), None when there is none; a cascade file's neighbour is the SAM run's, not its detector's."""
-    spec = path.parent / "deploy.json"
-    if not spec.is_file() or path.name.startswith("cascade"):
-        return None
-    t = json.loads(spec.read_text()).get("thresholds", {}).get(key)
-    return None if t is None else float(t)
-
-
-def run_threshold(path: Path, header: dict) -> float | None:
-    """The image threshold a run chose on its val fold: in its predictions header (anomaly runs, one per
-    category file) or its ``deploy.json`` (YOLO runs); None when it has none (SAM, the cascade)."""
-    if header.get("image_threshold") is not None:
-        return float(header["image_threshold"])
-    return deploy_threshold(path, "image")
-
-
-def run_box_conf(path: Path, header: dict, default: float) -> float:
-    """The box confidence a detector's masks and boxes are kept at: the one its run chose on the val fold
-    (the cascade's header ``box_conf``; a YOLO run's ``deploy.json`` ``thresholds.box_conf``), else
-    ``default`` (``--conf``)."""
-    if header.get("box_conf") is not None:
-        return float(header["box_conf"])
-    c = deploy_threshold(path, "box_conf")
-    return default if c is None else c
-
-
 @dataclass
 class PixelScores:
     """Per-image pixel results of one run: IoU/Dice of the union masks, and the score maps at the
@@ -168,7 +64,7 @@ def pixel_scores(covered: list[ImageRecord], by_image: dict[str, ImageRecord], d
         hw = (g.height, g.width)
         rec = by_image[g.image]
         gm = g.decode_masks().any(0) if g.masks else np.zeros(hw, bool)
-        pm = _union(rec, hw, conf)
+        pm = union_mask(rec, hw, conf)
         if pm is not None:
             out.iou[g.image], out.dice[g.image] = iou_dice(pm, gm)
         ps = pixel_score_map(rec, dirs.get(g.image, run_dir), hw)
@@ -260,83 +156,10 @@ def _detection_metrics(covered, preds, classes, header) -> dict:
         out["det_class_aware"] = coco_evaluate(covered, preds, classes, "bbox")
         if with_masks:
             out["mask_ap"] = coco_evaluate(covered, preds, classes, "segm")
-    out["det_class_agnostic"] = coco_evaluate(_agnostic(covered), _agnostic(preds), ["defect"], "bbox")
+    out["det_class_agnostic"] = coco_evaluate(agnostic(covered), agnostic(preds), ["defect"], "bbox")
     if with_masks and "mask_ap" not in out:
-        out["mask_ap_class_agnostic"] = coco_evaluate(_agnostic(covered), _agnostic(preds), ["defect"], "segm")
+        out["mask_ap_class_agnostic"] = coco_evaluate(agnostic(covered), agnostic(preds), ["defect"], "segm")
     return out
-
-
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "-"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def _rate(op: dict | None, bad: str, other: str) -> str:
-    """``0.125 (2/16)``: a rate at the run's own threshold, with the counts it rests on."""
-    if not op:
-        return "-"
-    n = op[bad] + op[other]
-    return f"{op[bad] / max(n, 1):.3f} ({op[bad]}/{n})"
-
-
-def table(results: list[dict]) -> str:
-    head = [
-        "model",
-        "test images",
-        "mAP50",
-        "mAP50-95",
-        "mAP50 (agnostic)",
-        "mask AP50",
-        "pixel IoU",
-        "pixel Dice",
-        "pixel AUROC",
-        "image AUROC",
-        "false alarms",
-        "misses",
-        "images/s",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        mask = r.get("mask_ap") or r.get("mask_ap_class_agnostic") or {}
-        row = [
-            r["name"],
-            str(r["images"]),
-            r.get("det_class_aware", {}).get("map50"),
-            r.get("det_class_aware", {}).get("map50_95"),
-            r["det_class_agnostic"]["map50"],
-            mask.get("map50"),
-            r.get("pixel_iou"),
-            r.get("pixel_dice"),
-            r.get("pixel_auroc"),
-            r["image_auroc"],
-            _rate(r.get("operating_point"), "fp", "tn"),
-            _rate(r.get("operating_point"), "fn", "tp"),
-            r.get("images_per_s"),
-        ]
-        lines.append("| " + " | ".join(_fmt(v) if not isinstance(v, str) else v for v in row) + " |")
-    types = sorted({t for r in results for t in r["per_type"]})
-    if types:
-        lines += [
-            "",
-            "Image AUROC / pixel IoU per defect type:",
-            "",
-            "| model | " + " | ".join(types) + " |",
-            "|---|" + "---|" * len(types),
-        ]
-        for r in results:
-            cells = [
-                f"{_fmt(r['per_type'].get(t, {}).get('image_auroc'))} / "
-                f"{_fmt(r['per_type'].get(t, {}).get('pixel_iou'))}"
-                for t in types
-            ]
-            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    notes = ["- false alarms / misses: good test images rejected / defective ones passed, at the image threshold "
-             "each run chose on its val fold (- : the run has none)"]
-    notes += [f"- {r['name']}: {r['note']}" for r in results if r.get("note")]
-    if notes:
-        lines += ["", "Notes:", *notes]
-    return "\n".join(lines)
 
 
 def compare(gt_path: Path, runs: list[Path], out: Path, conf: float = 0.25, fold: str = "test") -> list[dict]:
@@ -359,8 +182,6 @@ def compare(gt_path: Path, runs: list[Path], out: Path, conf: float = 0.25, fold
             "runs": results,
         },
     )
-    from defectkit.review.report import write_report
-
     write_report(out, results, list(loaded.values()), gt, Path(header["data_root"]), conf)
     return results
 

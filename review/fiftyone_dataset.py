@@ -32,7 +32,7 @@ from defectkit.converters.instances import decode_rle
 from defectkit.core.cli import run_cli
 from defectkit.core.errors import ConfigError, DataError, DefectkitError
 from defectkit.core.paths import WORK
-from defectkit.review.compare import load_runs
+from defectkit.review.predictions import load_runs
 
 
 class DatabaseError(DefectkitError):

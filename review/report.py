@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.core.atomic import atomic_write_text
-from defectkit.review.compare import _fmt, _union, table
+from defectkit.review.predictions import pixel_score_map, union_mask
+from defectkit.review.tables import fmt, table
 
 
 def _png(fig) -> str:
@@ -93,7 +94,7 @@ def _plots(results, gt, data_root: Path, conf: float) -> list[tuple[str, str]]:
         if y.any() and (~y).any() and not np.isnan(r["image_auroc"]):
             s = np.array([r["image_scores"].get(g.image) or 0.0 for g in gt])
             f, t, _ = roc_curve(y, s, drop_intermediate=True)
-            label = f"{r['name']} ({_fmt(r['image_auroc'])})"
+            label = f"{r['name']} ({fmt(r['image_auroc'])})"
             same = next((c for c in curves if len(c[0]) == len(f) and np.allclose(c[0], f) and np.allclose(c[1], t)),
                         None)
             if same is None:
@@ -139,8 +140,8 @@ def _choose_examples(r: dict, gt, k: int = 2) -> list[tuple[str, object]]:
     def what(im: str) -> str:
         return "mask IoU" if im in r["per_image_iou"] else "box IoU"
 
-    picks = [(f"worst: {what(im)} {_fmt(q[im])}", by[im]) for im in worst]
-    picks += [(f"best: {what(im)} {_fmt(q[im])}", by[im]) for im in best]
+    picks = [(f"worst: {what(im)} {fmt(q[im])}", by[im]) for im in worst]
+    picks += [(f"best: {what(im)} {fmt(q[im])}", by[im]) for im in best]
     goods = [g for g in gt if g.defect_type == "good" and r["image_scores"].get(g.image) is not None]
     if goods:
         g = max(goods, key=lambda g: r["image_scores"][g.image])
@@ -157,7 +158,6 @@ def _examples(results, groups, gt, data_root: Path, conf: float) -> list[tuple[s
     import matplotlib.pyplot as plt
 
     from defectkit.datasets.image_files import read_image
-    from defectkit.review.compare import pixel_score_map
 
     out = []
     for r, (_, header, records, dirs) in zip(results, groups, strict=True):
@@ -179,7 +179,7 @@ def _examples(results, groups, gt, data_root: Path, conf: float) -> list[tuple[s
             a.imshow(img, cmap="gray" if img.ndim == 2 else None)
             if amap is not None:
                 heat = a.imshow(amap, cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
-            um = _union(rec, hw, rconf)
+            um = union_mask(rec, hw, rconf)
             if um is not None and um.any():
                 a.contour(um, levels=[0.5], colors="red", linewidths=1.0)
             keep = np.ones(len(rec), bool) if rec.scores is None else rec.scores >= rconf

@@ -10,7 +10,8 @@ import torch
 
 from defectkit.anomaly import data as D
 from defectkit.anomaly import scoring as S
-from defectkit.anomaly.models import MODELS, UNetAE, build_model
+from defectkit.anomaly.models import UNetAE
+from defectkit.anomaly.registry import MODELS, build_model
 from defectkit.converters.canonical import read_records
 
 

@@ -65,6 +65,56 @@ def test_no_import_cycle_between_top_level_packages():
     assert find_cycle(package_imports()) is None
 
 
+def module_imports() -> dict[str, set[tuple[str, str]]]:
+    """``{"pkg.module": {("pkg.other", name imported or "")}}`` for every import of the project's own files,
+    at module level or inside functions (a lazy import hides a dependency, it does not remove it)."""
+    files = {f"{f.parent.name}.{f.stem}": f for pkg in LAYERS for f in (REPO / pkg).glob("*.py")}
+    edges: dict[str, set[tuple[str, str]]] = {m: set() for m in files}
+    for mod, f in files.items():
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            found: list[tuple[str, str]] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("defectkit."):
+                target = node.module.removeprefix("defectkit.")
+                for a in node.names:
+                    if f"{target}.{a.name}" in files:  # ``from defectkit.pkg import module``
+                        found.append((f"{target}.{a.name}", ""))
+                    elif target in files:
+                        found.append((target, a.name))
+            elif isinstance(node, ast.Import):
+                found = [(a.name.removeprefix("defectkit."), "") for a in node.names
+                         if a.name.removeprefix("defectkit.") in files]
+            edges[mod] |= {(t, n) for t, n in found if t != mod}
+    return edges
+
+
+def test_no_import_cycle_between_files():
+    graph = {m: {t for t, _ in e} for m, e in module_imports().items()}
+    assert find_cycle(graph) is None, f"import cycle between files: {' -> '.join(find_cycle(graph))}"
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A ``_name`` is private to its module: another module that needs it means it should be public."""
+    private = sorted(f"{m} imports {t}.{n}" for m, e in module_imports().items() for t, n in e
+                     if n.startswith("_"))
+    assert private == []
+
+
+def test_the_file_import_checks_see_a_planted_cycle_and_a_private_import(tmp_path, monkeypatch):
+    """Break the house on purpose (in a copy): both checks must notice."""
+    import shutil
+
+    copy = tmp_path / "repo"
+    for pkg in LAYERS:
+        shutil.copytree(REPO / pkg, copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "core" / "planted_a.py").write_text("def f():\n    from defectkit.core.planted_b import g\n")
+    (copy / "core" / "planted_b.py").write_text("from defectkit.core.planted_a import f\n"
+                                                  "from defectkit.core.errors import _hidden\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", copy)
+    graph = {m: {t for t, _ in e} for m, e in module_imports().items()}
+    assert find_cycle(graph) == ["core.planted_a", "core.planted_b", "core.planted_a"]
+    assert ("core.errors", "_hidden") in module_imports()["core.planted_b"]
+
+
 def test_imports_follow_the_data_flow():
     """core <- datasets <- converters <- review <- {anomaly, finetune} <- deploy: nothing imports back up."""
     back = {(p, q) for p, qs in package_imports().items() for q in qs if LAYERS.index(q) > LAYERS.index(p)}

@@ -14,6 +14,7 @@ from defectkit.converters.convert import ConvertConfig, convert
 from defectkit.datasets.mvtec import index_category
 from defectkit.datasets.split import build_manifest
 from defectkit.finetune import sam as S
+from defectkit.finetune import sam_cascade, sam_train
 from defectkit.finetune import sam_core as C
 
 
@@ -136,6 +137,7 @@ def test_only_the_decoder_trains_the_loss_falls_and_resume_continues(conv, tmp_p
         return out
 
     monkeypatch.setattr(S, "fit", spy)
+    monkeypatch.setattr(sam_train, "fit", spy)
     m = S.main(_args(conv, tmp_path, "--epochs", "3", "--patience", "99"))
     sam = seen["sam"]
     assert all(torch.equal(p, seen["enc"][n]) for n, p in sam.image_encoder.named_parameters())
@@ -145,8 +147,9 @@ def test_only_the_decoder_trains_the_loss_falls_and_resume_continues(conv, tmp_p
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert m["base_decoder_changed"] and m["embeddings_computed"] > 0
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert set(ck) >= {"mask_decoder", "optimizer", "base", "base_key", "epoch"} and "image_encoder" not in ck
-    assert all(k.startswith(("transformer", "iou", "mask_tokens", "output")) for k in ck["mask_decoder"])
+    assert set(ck) >= {"weights", "optim", "base", "base_key", "epoch"} and set(ck["weights"]) == {"mask_decoder"}
+    assert set(ck["optim"]) == {"optimizer"}
+    assert all(k.startswith(("transformer", "iou", "mask_tokens", "output")) for k in ck["weights"]["mask_decoder"])
     # a second run reads every embedding from the cache
     m2 = S.main(_args(conv, tmp_path, "--epochs", "4", "--resume", "--patience", "99"))
     assert m2["embeddings_computed"] == 0
@@ -194,7 +197,7 @@ def test_anomaly_regions_prompt_a_class_agnostic_cascade(conv, tmp_path, monkeyp
         return S.box_as_mask([type("I", (), {"boxes": it.boxes if boxes_of is None else boxes_of(it),
                                              "hw": it.hw})() for it in items])
 
-    monkeypatch.setattr(S, "predict", box_masks)
+    monkeypatch.setattr(sam_cascade, "predict", box_masks)
     m = S.main(_args(conv, tmp_path, "--epochs", "0", "--anomaly-predictions", anomaly_run))
     c = m["anomaly_cascade"]
     assert c["class_aware"] is False and c["cascade_conf"] is None and "mask_ap" not in c
@@ -208,13 +211,14 @@ def test_anomaly_regions_prompt_a_class_agnostic_cascade(conv, tmp_path, monkeyp
 
 
 def test_cascade_box_confidence_comes_from_the_yolo_runs_val_fold(tmp_path):
-    from defectkit.review.compare import run_box_conf
+    from defectkit.core.deploy_spec import write_deploy_spec
+    from defectkit.review.predictions import run_box_conf
 
     run = tmp_path / "yolo"
     run.mkdir()
     preds = run / "predictions.jsonl"
     assert S.resolve_cascade_conf(None, preds)[0] == 0.25  # no deploy.json
-    (run / "deploy.json").write_text(json.dumps({"thresholds": {"image": 0.1, "box_conf": 0.07}}))
+    write_deploy_spec(run, "yolo", thresholds={"image": 0.1, "box_conf": 0.07})
     assert S.resolve_cascade_conf(None, preds)[0] == 0.07
     assert S.resolve_cascade_conf(0.5, preds) == (0.5, "--cascade-conf")
     assert run_box_conf(preds, {}, 0.25) == 0.07
@@ -233,21 +237,21 @@ def test_cascade_rejects_other_classes(conv, tmp_path):
 def test_an_interrupted_sam_run_resumes_to_the_same_decoder(conv, tmp_path, monkeypatch):
     S.main(_args(conv, tmp_path / "a", "--epochs", "3", "--patience", "99"))
     full = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)
-    real = S.train_one_epoch
+    real = sam_train.train_one_epoch
 
     def dies_in_epoch_3(step, items, opt, cfg, rng, epoch=0, dist=None):
         if epoch == 2:
             raise KeyboardInterrupt("killed")
         return real(step, items, opt, cfg, rng, epoch, dist)
 
-    monkeypatch.setattr(S, "train_one_epoch", dies_in_epoch_3)
+    monkeypatch.setattr(sam_train, "train_one_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         S.main(_args(conv, tmp_path / "b", "--epochs", "3", "--patience", "99"))
-    monkeypatch.setattr(S, "train_one_epoch", real)
+    monkeypatch.setattr(sam_train, "train_one_epoch", real)
     S.main(_args(conv, tmp_path / "b", "--epochs", "3", "--patience", "99", "--resume"))
     resumed = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
-    for k, v in full["mask_decoder"].items():
-        assert torch.allclose(v, resumed["mask_decoder"][k], atol=1e-6), k
+    for k, v in full["weights"]["mask_decoder"].items():
+        assert torch.allclose(v, resumed["weights"]["mask_decoder"][k], atol=1e-6), k
     assert [h["train_loss"] for h in full["history"]] == pytest.approx([h["train_loss"] for h in resumed["history"]])
 
 
@@ -310,13 +314,13 @@ def test_train_encoder_trains_it_end_to_end_and_keeps_it_in_the_checkpoint(conv,
     m = S.main(_args(conv, tmp_path, "--epochs", "2", "--train-encoder", "--patience", "99"))
     ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     base, _ = C.load_sam("tiny", None, 64, 0)
-    assert "image_encoder" in ck
-    assert any(not torch.equal(v, base.image_encoder.state_dict()[k]) for k, v in ck["image_encoder"].items())
+    assert "image_encoder" in ck["weights"]
+    assert any(not torch.equal(v, base.image_encoder.state_dict()[k]) for k, v in ck["weights"]["image_encoder"].items())
     assert m["embeddings_computed"] == sum(1 for _ in (tmp_path / "cache").rglob("*.pt"))  # zero-shot only
     # the trained encoder is what predict and the scores use: reloading gives the same masks
     sam, key = C.load_sam("tiny", None, 64, 0)
-    S._load_trained(sam, tmp_path / "run" / "best.pt", key, "cpu")
-    assert all(torch.equal(v, sam.image_encoder.state_dict()[k]) for k, v in ck["image_encoder"].items())
+    sam_train.load_trained(sam, tmp_path / "run" / "best.pt", key, "cpu")
+    assert all(torch.equal(v, sam.image_encoder.state_dict()[k]) for k, v in ck["weights"]["image_encoder"].items())
 
 
 @pytest.mark.slow
@@ -328,7 +332,7 @@ def test_trained_on_crops_the_decoder_beats_its_own_prompt_box(conv, tmp_path):
     assert m["fine_tuned"]["iou"] > m["box_as_mask"]["iou"]
     d = S.load_sam_data(conv, None, 0, 0)
     sam, key = C.load_sam("tiny", None, 64, 0)
-    S._load_trained(sam, tmp_path / "run" / "best.pt", key, "cpu")
+    sam_train.load_trained(sam, tmp_path / "run" / "best.pt", key, "cpu")
     train = [it for it in d.train if len(it.boxes)]
     fit = S.instance_scores(train, S.predict(sam, train, C.EmbeddingCache(sam, tmp_path / "c2", key), "cpu", crop=2))
     assert fit["iou"] > S.instance_scores(train, S.box_as_mask(train))["iou"] + 0.05
@@ -350,11 +354,12 @@ def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(conv, tmp_pa
         return real_fit(sam, key, train, val, cache, cfg, run, *a, **k)
 
     monkeypatch.setattr(S, "fit", spy)
+    monkeypatch.setattr(sam_train, "fit", spy)
     args = ("--epochs", "1", "--pretrain-epochs", "2", "--synthetic-pretrain", "6", "--crop", "2", "--patience", "99")
     m = S.main(_args(conv, tmp_path, *args))
     run, pre = tmp_path / "run", tmp_path / "run" / "pretrain"
     assert [name for name, _ in starts] == ["pretrain", "run"]
-    pre_best = torch.load(pre / "best.pt", weights_only=True)["mask_decoder"]
+    pre_best = torch.load(pre / "best.pt", weights_only=True)["weights"]["mask_decoder"]
     assert all(torch.equal(v, pre_best[k]) for k, v in starts[1][1].items())  # fine-tuning starts from it
     assert not all(torch.equal(v, pre_best[k]) for k, v in starts[0][1].items())
     sp = m["synthetic_pretrain"]
