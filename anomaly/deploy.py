@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from defectkit.core.atomic import atomic_write_bytes, atomic_write_json, load_checkpoint
+from defectkit.core.atomic import atomic_write_bytes, atomic_write_json
 from defectkit.core.deploy_spec import read_deploy_spec, write_deploy_spec
 from defectkit.core.errors import ConfigError, DataError, MissingFileError
+from defectkit.core.training import load_weights
 
 log = logging.getLogger("defectkit.anomaly")
 
@@ -81,7 +82,7 @@ def build_head(spec: dict, run: Path, device: str = "cpu"):
     channels = 3 if m["input"] == "rgb" else 1
     model = build_model(m["model"], channels, m["imgsz"], m["base"], m["depth"], m["latent"],
                         tuple(m["skips"]) if m.get("skips") else None)
-    model.load_state_dict(load_checkpoint(weights, device)["model"])
+    load_weights(weights, {"model": model}, device)
     head = AnomalyHead(model, spec["family"], topk=s["topk"], map_kind=s["map"], ssim_lambda=s["ssim_lambda"],
                        scales=s["scales"], sigma=s["sigma"], kernel=spec["kernel"])
     if spec["stats"]:

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=16, help="training images used")
     a = p.parse_args(argv)
     header, gt = read_records(a.data / "ground_truth.jsonl")
-    items = [it for it in sam_data.load_items(gt, Path(header["data_root"]), "train", None) if len(it.boxes)][: a.images]
+    items = sam_data.load_items(gt, Path(header["data_root"]), "train", None)
+    items = [it for it in items if len(it.boxes)][: a.images]
     sam, key = load_sam(a.model, a.checkpoint)
     args = S.get_args_parser().parse_args(["--batch", "8", "--model", a.model])
     rng = np.random.default_rng(0)

@@ -228,10 +228,10 @@ def test_draem_learns_a_painted_defect_on_the_embedded_washer(synthetic_root, tm
 
 
 def test_train_crops_are_seeded_by_position_and_inside_the_image():
-    from defectkit.anomaly.train import _Augmented
+    from defectkit.anomaly.trainer import Augmented
 
     x = np.arange(2 * 1 * 8 * 12, dtype=np.float32).reshape(2, 1, 8, 12)
-    ds = _Augmented(x, augment=False, crop=4)
+    ds = Augmented(x, augment=False, crop=4)
     ds.reseed(0, 3)
     a, b = ds.item(1, pos=5), ds.item(1, pos=5)
     assert a.shape == (1, 4, 4) and torch.equal(a, b)
@@ -240,7 +240,7 @@ def test_train_crops_are_seeded_by_position_and_inside_the_image():
     assert np.array_equal(a.numpy(), x[1][:, top : top + 4, left : left + 4])
     tops_lefts = {tuple(np.argwhere(x[1, 0] == ds.item(1, pos=p)[0, 0, 0].item())[0]) for p in range(40)}
     assert len(tops_lefts) > 10 and max(t for t, _ in tops_lefts) <= 4 and max(le for _, le in tops_lefts) <= 8
-    assert _Augmented(x, augment=False, crop=0).item(0, 0).shape == (1, 8, 12)
+    assert Augmented(x, augment=False, crop=0).item(0, 0).shape == (1, 8, 12)
 
 
 def test_val_every_validates_every_n_epochs_and_after_the_last(synthetic_root, tmp_path):
@@ -295,7 +295,7 @@ def test_conv_ae_detection_floor_on_the_embedded_washer(synthetic_root, tmp_path
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights_and_history(synthetic_root, tmp_path, monkeypatch):
-    from defectkit.anomaly import train as T
+    from defectkit.anomaly import trainer as T
 
     common = ["--category", "weave", "--epochs", "4", "--no-plots", "--patience", "99", "--augment"]
     _run(synthetic_root, tmp_path / "a", *common)
@@ -316,7 +316,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_history(synthetic_ro
     monkeypatch.setattr(T, "train_one_epoch", real)
     _run(synthetic_root, tmp_path / "b", *common, "--resume")
     resumed = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
-    for k, v in full["model"].items():
-        assert torch.allclose(v.float(), resumed["model"][k].float(), atol=1e-6), k
+    for k, v in full["weights"]["model"].items():
+        assert torch.allclose(v.float(), resumed["weights"]["model"][k].float(), atol=1e-6), k
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in full["history"]]
     assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]]

@@ -10,21 +10,23 @@ from defectkit.core.distributed import Dist, process_group, unwrap
 
 
 def test_amp_is_on_for_cuda_devices_only():
-    from defectkit.anomaly.train import amp_enabled
+    from defectkit.core.training import amp_enabled
 
     assert amp_enabled("cuda") and amp_enabled("cuda:1")
     assert not amp_enabled("cpu") and not amp_enabled("mps")
 
 
 def test_default_devices_follow_what_the_machine_has(monkeypatch):
-    from defectkit.anomaly.train import device_for
-    from defectkit.finetune.yolo import _device
+    from defectkit.core.training import resolve_device
 
-    assert device_for("cuda:1") == "cuda:1" and _device("0,1") == "0,1"  # an explicit device is kept
+    def yolo(a):
+        return resolve_device(a, "ultralytics")
+
+    assert resolve_device("cuda:1") == "cuda:1" and yolo("0,1") == "0,1"  # an explicit device is kept
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert device_for(None) == "cpu" and _device(None) == "cpu"
+    assert resolve_device(None) == "cpu" and yolo(None) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert device_for(None) == "cuda" and _device(None) == "0"  # Ultralytics' name for the first GPU
+    assert resolve_device(None) == "cuda" and yolo(None) == "0"  # Ultralytics' name for the first GPU
 
 
 @pytest.mark.parametrize(("n", "world"), [(10, 2), (10, 3), (7, 4), (3, 1)])

@@ -315,7 +315,8 @@ def test_train_encoder_trains_it_end_to_end_and_keeps_it_in_the_checkpoint(conv,
     ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     base, _ = C.load_sam("tiny", None, 64, 0)
     assert "image_encoder" in ck["weights"]
-    assert any(not torch.equal(v, base.image_encoder.state_dict()[k]) for k, v in ck["weights"]["image_encoder"].items())
+    trained = ck["weights"]["image_encoder"]
+    assert any(not torch.equal(v, base.image_encoder.state_dict()[k]) for k, v in trained.items())
     assert m["embeddings_computed"] == sum(1 for _ in (tmp_path / "cache").rglob("*.pt"))  # zero-shot only
     # the trained encoder is what predict and the scores use: reloading gives the same masks
     sam, key = C.load_sam("tiny", None, 64, 0)

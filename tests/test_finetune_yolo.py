@@ -251,19 +251,20 @@ print(generate_ddp_file(t))
     assert w.returncode == 0 and "worker ok" in w.stdout, w.stderr[-4000:]
 
 
-def test_optimizer_step_settings_reach_ultralytics(tmp_path, monkeypatch):
+def test_optimizer_step_settings_reach_ultralytics(tmp_path):
     """--nbs / --warmup-epochs go to Ultralytics' trainer; with an Adam-family optimizer the bias warmup
     lr (Ultralytics' 0.1, an SGD value) is zeroed, with SGD it is left to Ultralytics."""
     from defectkit.finetune import yolo as Y
+    from defectkit.finetune.yolo_core import YoloConfig, train_overrides
 
-    seen: dict = {}
-    monkeypatch.setattr(Y, "_train_or_explain", lambda model, **kw: seen.update(kw))
-    args = Y.get_args_parser().parse_args(["--model", "yolov8n", "--from-scratch", "--optimizer", "AdamW",
-                                           "--nbs", "8", "--warmup-epochs", "1", "--batch", "8"])
-    cfg = Y.YoloConfig.from_args(args)
-    Y.train(cfg, Y.MODELS["yolov8n"], tmp_path / "data.yaml", tmp_path / "run", "yolov8n.yaml")
+    def overrides(*argv):
+        cfg = YoloConfig.from_args(Y.get_args_parser().parse_args(["--model", "yolov8n", *argv]))
+        return train_overrides(cfg, tmp_path / "data.yaml", tmp_path / "run", "yolov8n.yaml")
+
+    seen = overrides("--from-scratch", "--optimizer", "AdamW", "--nbs", "8", "--warmup-epochs", "1", "--batch", "8")
     assert seen["nbs"] == 8 and seen["warmup_epochs"] == 1.0 and seen["warmup_bias_lr"] == 0.0
-    seen.clear()
-    Y.train(Y.YoloConfig.from_args(Y.get_args_parser().parse_args(["--model", "yolov8n", "--optimizer", "SGD"])),
-            Y.MODELS["yolov8n"], tmp_path / "data.yaml", tmp_path / "run", "yolov8n.yaml")
+    assert seen["batch"] == 8 and seen["data"] == str(tmp_path / "data.yaml") and seen["name"] == "run"
+    assert seen["pretrained"] is False  # from scratch, from the yaml
+    seen = overrides("--optimizer", "SGD")
     assert seen["nbs"] == 64 and "warmup_bias_lr" not in seen  # Ultralytics' defaults
+    assert overrides("--no-augment")["mosaic"] == 0.0 and "mosaic" not in seen

@@ -63,8 +63,9 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error(synthetic_root, tmp
     import torch
 
     from defectkit.anomaly import train as T
+    from defectkit.anomaly import trainer
 
-    monkeypatch.setattr(T, "loss_fn", lambda kind, lam: (lambda x, recon: torch.mean(recon) * float("nan")))
+    monkeypatch.setattr(trainer, "loss_fn", lambda kind, lam: (lambda x, recon: torch.mean(recon) * float("nan")))
     args = T.get_args_parser().parse_args(["--data", str(synthetic_root), "--manifest", str(tmp_path / "m.json"),
                                            "--out", str(tmp_path / "run"), "--imgsz", "32", "--depth", "2", "--base",
                                            "8", "--batch", "4", "--steps-per-epoch", "2", "--epochs", "2", "-q",
