@@ -46,15 +46,14 @@ MODEL ?= draem
 ANOMALY_ARGS_draem := --imgsz 128 --epochs 12 --batch 8 --lr 1e-3 --augment
 ANOMALY_ARGS ?= $(or $(ANOMALY_ARGS_$(MODEL)),--imgsz 128 --epochs 12 --augment)
 YOLO_MODEL ?= yolov8n-worldv2
-# --nbs 8: an optimizer step per batch of 8 (Ultralytics' nominal 64 would accumulate 8 batches: ~60 steps in
-# 56 epochs of 70 images instead of 504); 56 epochs: mAP50 0.53 against 0.31 at 34; README "YOLO-World and YOLO"
-# real categories need longer from scratch (magnetic_tile learns nothing for ~25 epochs): e.g.
-# YOLO_ARGS="... --epochs 120 --close-mosaic 120 --synthetic-pretrain 200 --pretrain-epochs 8" (agnostic mAP50 0.384)
+# --nbs 8: an optimizer step per batch of 8 (Ultralytics' nominal 64 would accumulate 8 batches into one step);
+# real categories need longer from scratch and synthetic pretraining, e.g.
+# YOLO_ARGS="... --epochs 120 --close-mosaic 120 --synthetic-pretrain 200 --pretrain-epochs 8" (README "YOLO-World and YOLO")
 YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 56 --imgsz 256 --batch 8 --optimizer AdamW --lr0 0.001 \
 	--nbs 8 --close-mosaic 56
 SAM_MODEL ?= tiny
 # the offline tiny SAM learns only with its encoder trained too, and each box segmented on its own crop
-# (README "SAM"); 16 epochs fit the demo's 8 minutes
+# (README "SAM")
 SAM_ARGS ?= --epochs 16 --lr 1e-3 --train-encoder --crop 2
 APP_PORT ?= 5151
 

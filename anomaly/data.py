@@ -15,6 +15,7 @@ import numpy as np
 
 from defectkit.anomaly.config import RunConfig
 from defectkit.core.errors import ConfigError
+from defectkit.datasets.defect_shapes import cutpaste
 from defectkit.datasets.image_files import read_header, read_image, read_mask
 from defectkit.datasets.split import entries, resolve_manifest
 
@@ -59,40 +60,6 @@ def downsample_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """Ground truth at the evaluation resolution: a pixel is defect if any defect covers it,
     so that one-pixel defects survive downsampling."""
     return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) > 0
-
-
-def cutpaste(img: np.ndarray, rng: np.random.Generator, scar: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """CutPaste (Li et al. 2021): copy a patch of the image, jitter its brightness, paste it
-    elsewhere.  ``img`` ``(C, H, W)`` float in [0, 1].  Returns the image and the pasted mask.
-    ``scar=True`` makes a thin rotated strip instead of a rectangle (random when None)."""
-    c, h, w = img.shape
-    scar = bool(rng.random() < 0.5) if scar is None else scar
-    if scar:
-        ph, pw = int(rng.integers(max(2, h // 4), max(3, h // 2))), int(rng.integers(2, max(3, w // 16) + 1))
-    else:
-        area = rng.uniform(0.02, 0.15) * h * w
-        aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
-        ph = int(np.clip(np.sqrt(area * aspect), 2, h - 2))
-        pw = int(np.clip(np.sqrt(area / aspect), 2, w - 2))
-    y0, x0 = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
-    patch = img[:, y0 : y0 + ph, x0 : x0 + pw].copy()
-    patch = np.clip(patch * rng.uniform(0.6, 1.4) + rng.uniform(-0.15, 0.15), 0, 1)
-    mask = np.zeros((h, w), np.uint8)
-    if scar:
-        angle = rng.uniform(-45, 45)
-        big = np.zeros((h, w), np.uint8)
-        cy, cx = int(rng.integers(ph // 2, h - ph // 2 + 1)), int(rng.integers(pw // 2, w - pw // 2 + 1))
-        box = cv2.boxPoints(((cx, cy), (pw, ph), angle)).astype(np.int32)
-        cv2.fillPoly(big, [box], 1)
-        mask = big
-        fill = np.full((c, h, w), patch.mean(axis=(1, 2), keepdims=True), np.float32)
-        out = np.where(mask[None] > 0, fill, img)
-    else:
-        y1, x1 = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
-        out = img.copy()
-        out[:, y1 : y1 + ph, x1 : x1 + pw] = patch
-        mask[y1 : y1 + ph, x1 : x1 + pw] = 1
-    return out.astype(np.float32), mask.astype(bool)
 
 
 def holdout(entries, fraction: float, seed: int):

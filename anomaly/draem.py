@@ -24,6 +24,7 @@ from torch import nn
 from defectkit.anomaly.blocks import down, up, widths
 from defectkit.anomaly.models import UNetAE
 from defectkit.anomaly.scoring import AnomalyHead, Scorer
+from defectkit.core.training import rng as stream_rng
 
 
 class SegUNet(nn.Module):
@@ -89,7 +90,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
 class DraemObjective:
     """One training step's loss: synthesize defects on half the batch, reconstruct, segment.
 
-    Each sample's defect is drawn from its own generator, seeded by (seed, epoch, the sample's key:
+    Each sample's defect is drawn from its own ``defect`` stream (seed, epoch, the sample's key:
     its position in the epoch), so the same sample gets the same defect in one process or across
     DDP processes, and after a resume."""
 
@@ -105,7 +106,7 @@ class DraemObjective:
         keys = range(len(x)) if keys is None else [int(k) for k in keys]
         out, masks = x.copy(), np.zeros((len(x), *x.shape[2:]), np.float32)
         for i, (img, key) in enumerate(zip(x, keys, strict=True)):
-            rng = np.random.default_rng([self.seed, self.epoch, 7, key])
+            rng = stream_rng(self.seed, self.epoch, "defect", key)
             if rng.random() < 0.5:
                 continue  # DRAEM keeps half the samples unaltered, with an empty mask
             painted, m, _ = self.synth(np.ascontiguousarray(img.transpose(1, 2, 0)), rng)

@@ -170,3 +170,17 @@ def label_map(inst: Instances, image_hw: tuple[int, int]) -> np.ndarray:
     for m, c, (x0, y0, x1, y1) in zip(inst.masks, inst.class_ids, inst.boxes_xyxy.astype(int), strict=True):
         out[y0:y1, x0:x1][m[y0:y1, x0:x1]] = c + 1  # instances are empty outside their box
     return out
+
+
+def coco_document(images: Sequence[dict], annotations: Sequence[Sequence[dict]], classes: Sequence[str],
+                  license: dict, info: dict) -> dict:
+    """A COCO instances document: ``images[i]`` (file_name, height, width, ...) gets id ``i + 1`` and owns
+    ``annotations[i]`` (:func:`coco_annotations` output, given ids in order); class ``k`` is category
+    ``k + 1`` (COCO reserves 0)."""
+    imgs, anns = [], []
+    for i, (img, own) in enumerate(zip(images, annotations, strict=True), start=1):
+        imgs.append({"id": i, **img})
+        for a in own:
+            anns.append({"id": len(anns) + 1, "image_id": i, **a})
+    return {"info": info, "licenses": [license], "images": imgs, "annotations": anns,
+            "categories": [{"id": k + 1, "name": n, "supercategory": "defect"} for k, n in enumerate(classes)]}

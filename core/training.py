@@ -198,9 +198,7 @@ class Checkpointer:
 
     def resume(self, device: str = "cpu") -> RunState:
         """Load ``last.pt`` into the modules and optimizers; the run state to continue from."""
-        if not self.last.is_file():
-            raise MissingFileError(f"--resume: {self.last} does not exist; nothing to resume")
-        ck = load_weights(self.last, self.modules, device, self.expect)
+        ck = load_weights(require_resumable(self.last), self.modules, device, self.expect)
         for k, o in self.optimizers.items():
             o.load_state_dict(ck["optim"][k])
         state = RunState(ck["epoch"], ck["best"], ck["stale"], ck["history"])
@@ -209,6 +207,13 @@ class Checkpointer:
 
     def load_best(self, device: str = "cpu") -> dict:
         return load_weights(self.best, self.modules, device, self.expect)
+
+
+def require_resumable(last: Path) -> Path:
+    """``last`` (the checkpoint ``--resume`` continues), or the one error every trainer gives without it."""
+    if not Path(last).is_file():
+        raise MissingFileError(f"--resume: {last} does not exist; nothing to resume")
+    return Path(last)
 
 
 def load_weights(path: Path, modules: Mapping, device: str = "cpu", expect: Mapping | None = None) -> dict:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from defectkit.core.paths import WORK
 from defectkit.datasets import synthetic
-from defectkit.datasets.mvtec import index_dataset, scan_category
+from defectkit.datasets.mvtec import index_dataset
+from defectkit.datasets.scan import scan_category
 from defectkit.datasets.split import DEFAULT_FRACTIONS, build_manifest, write_manifest
 from defectkit.datasets.stats import compute_stats, format_table, write_stats
 

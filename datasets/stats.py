@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.core.atomic import atomic_write_text
-from defectkit.datasets.mvtec import GOOD, SPLITS, CategoryIndex, Problem, SampleScan
+from defectkit.datasets.mvtec import GOOD, SPLITS, CategoryIndex, Problem
+from defectkit.datasets.scan import SampleScan
 
 
 def _summary(values: Sequence[float]) -> dict[str, float] | None:
@@ -30,7 +31,7 @@ def _summary(values: Sequence[float]) -> dict[str, float] | None:
 
 
 def compute_stats(index: CategoryIndex, scans: Sequence[SampleScan], warnings: Sequence[Problem] = ()) -> dict:
-    """Statistics of one category from its scans (see :func:`defectkit.datasets.mvtec.scan_category`).
+    """Statistics of one category from its scans (see :func:`defectkit.datasets.scan.scan_category`).
 
     Per defect type: images per split, masks with no defect pixel, 8-connected regions per mask,
     defect area in pixels and in % of the image.  Per category: image sizes and channels.

@@ -17,7 +17,7 @@ from defectkit.core.atomic import atomic_torch_save
 from defectkit.core.errors import ConfigError, DataError, MissingFileError, TrainingError
 from defectkit.core.paths import WORK
 from defectkit.core.progress import plain_ultralytics_bars
-from defectkit.core.training import resolve_device
+from defectkit.core.training import require_resumable, resolve_device
 from defectkit.finetune.text_embeddings import clip_embeddings, embed, prompt_for, read_cache, write_cache
 
 log = logging.getLogger("defectkit.finetune.yolo")
@@ -242,9 +242,7 @@ def train(cfg: YoloConfig, spec: dict, data_yaml: Path, run_dir: Path, source: s
     trainer = OfflineWorldTrainer if spec["family"] == "world" else None
     last = run_dir / "weights" / "last.pt"
     if cfg.resume:
-        if not last.is_file():
-            raise MissingFileError(f"--resume: {last} does not exist; nothing to resume")
-        model = cls(str(last))
+        model = cls(str(require_resumable(last)))
         train_or_explain(model, resume=True, trainer=trainer)
         return model
     model = cls(source)

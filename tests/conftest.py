@@ -70,3 +70,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not present: {SHARED_DATA} (../shared/data beside the repo) is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def auroc_from_scores() -> Callable[[Path], float]:
+    """The image AUROC recomputed from a run's own ``scores.csv`` (what it wrote, per test image), so a
+    metric in ``metrics.json`` can be checked against the scores it claims to summarise."""
+    import csv
+
+    from defectkit.review.metrics import auroc
+
+    def compute(run: Path) -> float:
+        rows = list(csv.DictReader((Path(run) / "scores.csv").open()))
+        return auroc(np.array([float(r["score"]) for r in rows]), np.array([int(r["label"]) for r in rows]))
+
+    return compute

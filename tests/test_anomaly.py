@@ -13,6 +13,7 @@ from defectkit.anomaly import scoring as S
 from defectkit.anomaly.models import UNetAE
 from defectkit.anomaly.registry import MODELS, build_model
 from defectkit.converters.canonical import read_records
+from defectkit.datasets.defect_shapes import cutpaste
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -54,7 +55,7 @@ def test_cutpaste_changes_only_its_mask():
     rng = np.random.default_rng(0)
     img = np.random.default_rng(1).random((3, 64, 64)).astype(np.float32)
     for scar in (False, True):
-        out, mask = D.cutpaste(img, rng, scar=scar)
+        out, mask = cutpaste(img, rng, scar=scar)
         assert mask.any() and not mask.all()
         assert np.array_equal(out[:, ~mask], img[:, ~mask])
         assert not np.allclose(out[:, mask], img[:, mask])
@@ -128,12 +129,13 @@ def _run(synthetic_root, tmp_path, *extra):
 
 
 @pytest.mark.parametrize("model", ["conv_ae", "unet_ae", "fc_ae", "vae"])
-def test_every_reconstruction_model_trains_and_scores(synthetic_root, tmp_path, model):
+def test_every_reconstruction_model_trains_and_scores(synthetic_root, tmp_path, model, auroc_from_scores):
     m, run = _run(synthetic_root, tmp_path, "--model", model, "--category", "washer", "--epochs", "3", "--no-plots",
                   "--patience", "99")
     hist = json.loads((run / "history.json").read_text())
     assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]  # the loss falls
-    assert 0 <= m["image"]["auroc"] <= 1 and 0 <= m["pixel"]["auroc"] <= 1 and 0 <= m["pixel"]["aupro"] <= 1
+    assert m["image"]["auroc"] == pytest.approx(auroc_from_scores(run))  # what it wrote per image
+    assert {"auroc", "aupro", "ap"} <= set(m["pixel"]) and m["pixel"]["map_resolution"] == 32
     assert set(m["image"]["per_type_auroc"]) == {"contamination", "hole", "scratch", "stain"}
     assert set(m["pixel"]["per_type_auroc"]) == set(m["image"]["per_type_auroc"])
     assert {"latent_knn_auroc", "latent_pca_auroc", "thresholds"} <= set(m)
@@ -164,10 +166,10 @@ def test_fft_input_and_plots(synthetic_root, tmp_path):
 
 
 @pytest.mark.parametrize("model", ["ocsvm", "patchcore"])
-def test_feature_models_with_an_untrained_backbone(synthetic_root, tmp_path, model):
+def test_feature_models_with_an_untrained_backbone(synthetic_root, tmp_path, model, auroc_from_scores):
     m, run = _run(synthetic_root, tmp_path, "--model", model, "--category", "washer", "--random-init", "--no-plots",
                   "--coreset", "0.2")
-    assert 0 <= m["image"]["auroc"] <= 1
+    assert m["image"]["auroc"] == pytest.approx(auroc_from_scores(run))
     assert ("pixel" in m) == (model == "patchcore")
     assert read_records(run / "predictions.jsonl")[0]["model"] == model
 

@@ -191,3 +191,17 @@ def test_rle_from_the_box_is_byte_identical_to_pycocotools_on_the_whole_image(se
     theirs = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
     assert encode_rle(m, (x0, y0, x1, y1))["counts"] == theirs
     assert encode_rle(m)["counts"] == theirs
+
+
+def test_coco_document_numbers_images_annotations_and_categories_from_one():
+    from defectkit.converters.label_formats import coco_document
+
+    images = [{"file_name": "a.png"}, {"file_name": "b.png"}, {"file_name": "c.png"}]
+    anns = [[{"bbox": [0, 0, 1, 1]}, {"bbox": [1, 1, 2, 2]}], [], [{"bbox": [3, 3, 1, 1]}]]
+    doc = coco_document(images, anns, ["crack", "hole"], {"id": 1, "name": "CC0"}, {"fold": "test"})
+    assert [i["id"] for i in doc["images"]] == [1, 2, 3] and doc["images"][1]["file_name"] == "b.png"
+    assert [(a["id"], a["image_id"]) for a in doc["annotations"]] == [(1, 1), (2, 1), (3, 3)]
+    assert doc["annotations"][2]["bbox"] == [3, 3, 1, 1]
+    assert doc["categories"] == [{"id": 1, "name": "crack", "supercategory": "defect"},
+                                 {"id": 2, "name": "hole", "supercategory": "defect"}]
+    assert doc["licenses"] == [{"id": 1, "name": "CC0"}] and doc["info"] == {"fold": "test"}

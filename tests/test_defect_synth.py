@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from defectkit.datasets import defect_shapes as shapes
 from defectkit.datasets import defect_synth as D
 
 
@@ -15,7 +16,7 @@ def _rng(i=0):
     return np.random.default_rng(i)
 
 
-@pytest.mark.parametrize("kind", D.SHAPES)
+@pytest.mark.parametrize("kind", shapes.SHAPES)
 def test_the_mask_is_exactly_what_was_painted(kind):
     img = _rng(1).random((64, 80, 3)).astype(np.float32)
     synth = D.Synthesizer(D.Foreground("texture"), others=[_rng(2).random((50, 50, 3)).astype(np.float32)])
@@ -32,7 +33,7 @@ def test_blend_by_hand():
     img = np.zeros((2, 2, 1), np.float32)
     fill = np.ones((2, 2, 1), np.float32)
     m = np.array([[True, False], [False, False]])
-    out = D.blend(img, fill, m, 0.25)
+    out = shapes.blend(img, fill, m, 0.25)
     assert out[..., 0].tolist() == [[0.25, 0.0], [0.0, 0.0]]
 
 
@@ -41,18 +42,18 @@ def test_shapes_cover_borders_thin_lines_and_several_regions():
 
     border = thin = multi = 0
     for s in range(40):
-        m = D.blob_mask((96, 96), _rng(s))
+        m = shapes.blob_mask((96, 96), _rng(s))
         n = cv2.connectedComponents(m.astype(np.uint8))[0] - 1
         multi += n >= 2
         border += bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
-        sc = D.scratch_mask((200, 200), _rng(s))
+        sc = shapes.scratch_mask((200, 200), _rng(s))
         thin += sc.sum() < 0.05 * sc.size and sc.any()
     assert multi >= 5 and border >= 10 and thin == 40
 
 
 def test_perlin_noise_is_smooth_and_seeded():
-    a = D.perlin_noise((64, 64), (4, 4), _rng(0))
-    assert np.array_equal(a, D.perlin_noise((64, 64), (4, 4), _rng(0)))
+    a = shapes.perlin_noise((64, 64), (4, 4), _rng(0))
+    assert np.array_equal(a, shapes.perlin_noise((64, 64), (4, 4), _rng(0)))
     assert -1.5 < a.min() < 0 < a.max() < 1.5
     assert np.abs(np.diff(a, axis=1)).max() < 0.3  # gradient noise has no jumps
 

@@ -112,7 +112,10 @@ def test_predict_decides_ok_and_ng_writes_everything_and_names_the_unreadable_im
     assert set(by) == {*imgs, str((tmp_path / "in" / "broken.png").absolute())}  # one line per image
     assert by[str((tmp_path / "in" / "broken.png").absolute())]["decision"] == "UNREADABLE"
     assert summary["counts"]["unreadable"] == 1 and summary["counts"]["images"] == 4
-    assert by["good.png"]["decision"] == "OK" and by["line2/painted.png"]["decision"] == "NG"
+    # the painted stain is rejected; the good part is never rejected with confidence (how close it sits to the
+    # val-chosen threshold depends on the float reductions of the machine's thread count)
+    assert by["line2/painted.png"]["decision"] == "NG" and by["line2/painted.png"]["uncertain"] == "0"
+    assert by["good.png"]["decision"] == "OK" or by["good.png"]["uncertain"] == "1"
     assert float(by["line2/painted.png"]["score"]) > float(by["good.png"]["score"])
     header, recs = read_records(out / "predictions.jsonl")
     assert header["threshold_source"].endswith("on the val fold") and header["run_kind"] == "anomaly"
@@ -121,7 +124,12 @@ def test_predict_decides_ok_and_ng_writes_everything_and_names_the_unreadable_im
         assert r.decision in ("OK", "NG")
     big = next(r for r in recs if r.image == "big.jpg")
     assert (big.height, big.width) == (300, 400)
-    assert (out / "overlays" / "line2__painted.png.png").is_file() and not (out / "overlays" / "good.png.png").exists()
+    assert (out / "overlays" / "line2__painted.png.png").is_file()
+    for r in rows:  # an overlay for each NG or uncertain image, and only for them
+        if r["decision"] == "UNREADABLE":
+            continue
+        flagged = r["decision"] == "NG" or r["uncertain"] in ("1", "True", "true")
+        assert bool(r["overlay"]) == flagged and (out / r["overlay"]).is_file() == flagged, r
     # --threshold overrides; a rerun replaces the folder whole
     predict(ae_run, str(tmp_path / "in"), out, threshold=1e9)
     assert {r["decision"] for r in csv.DictReader((out / "summary.csv").open())} == {"OK", "UNREADABLE"}

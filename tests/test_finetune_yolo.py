@@ -64,10 +64,16 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
     assert classes["text_embeddings"]["provider"] == "hash" and classes["from_scratch"] is True
     m = json.loads((run / "metrics.json").read_text())
     assert {"ultralytics", "pycocotools", "image_auroc", "images_per_s", "train_seconds"} <= set(m)
-    assert 0 <= m["ultralytics"]["map50"] <= 1 and 0 <= m["pycocotools"]["bbox"]["map50"] <= 1
     assert "not a pretrained model's result" in m["note"]
     header, recs = read_records(run / "predictions.jsonl")
     gt_header, gt = read_records(data_yaml.parent.parent / "ground_truth.jsonl")
+    # the pycocotools figure is that of the predictions file the run wrote
+    from defectkit.review.detection import coco_evaluate
+
+    test = [g for g in gt if g.fold == "test"]
+    again = coco_evaluate(test, recs, classes["names"], "bbox")
+    assert [m["pycocotools"]["bbox"][k] for k in ("map50", "map50_95")] == pytest.approx([again["map50"],
+                                                                                         again["map50_95"]])
     assert header["kind"] == "predictions" and header["classes"] == classes["names"]
     assert sorted(r.image for r in recs) == sorted(g.image for g in gt if g.fold == "test")
     assert all(r.scores is not None and r.image_score is not None for r in recs)
@@ -82,8 +88,10 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
     spec = json.loads((run / "deploy.json").read_text())
     assert spec["kind"] == "yolo" and spec["thresholds"]["source"] == "val fold"
     assert m["thresholds"] == spec["thresholds"]
-    box = spec["thresholds"]["box_conf"]  # the cascade's box confidence, the peak of the val fold's box F1
-    assert box is None or box == spec["thresholds"]["box_at_conf"]["conf"]
+    # the cascade's box confidence is the peak of the val fold's box F1: a detector one epoch from scratch at
+    # 64 px finds no box on any image, so it has none (box_f1_conf on boxes: review's hand-computed tests)
+    assert sum(len(r) for r in recs) == 0
+    assert spec["thresholds"]["box_conf"] is None and spec["thresholds"]["box_at_conf"] is None
     images = data_yaml.parent / "images" / "test"
     for args in (["predict", "--run", run, "--images", images, "--out", tmp_path / "p-torch"],
                  ["export", "--run", run],

@@ -8,15 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from defectkit.datasets.mvtec import (
-    DatasetLayoutError,
-    analyze_mask,
-    index_category,
-    index_dataset,
-    list_categories,
-    mask_to_bool,
-    scan_category,
-)
+from defectkit.datasets.mvtec import DatasetLayoutError, index_category, index_dataset, list_categories
+from defectkit.datasets.scan import analyze_mask, mask_to_bool, scan_category
 
 
 def _basic(blob_mask):

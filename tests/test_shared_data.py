@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from defectkit.datasets.mvtec import index_category, scan_category
+from defectkit.datasets.mvtec import index_category
+from defectkit.datasets.scan import scan_category
 from defectkit.datasets.split import build_manifest
 from defectkit.datasets.stats import compute_stats, format_table
 

@@ -7,7 +7,8 @@ import json
 import cv2
 import numpy as np
 
-from defectkit.datasets.mvtec import index_category, scan_category
+from defectkit.datasets.mvtec import index_category
+from defectkit.datasets.scan import scan_category
 from defectkit.datasets.stats import compute_stats, format_table, write_stats
 
 

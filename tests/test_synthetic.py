@@ -10,7 +10,8 @@ import pytest
 
 from defectkit.datasets import synthetic
 from defectkit.datasets.image_files import read_image, read_mask
-from defectkit.datasets.mvtec import index_dataset, scan_category
+from defectkit.datasets.mvtec import index_dataset
+from defectkit.datasets.scan import scan_category
 
 
 def _pixels(root):
