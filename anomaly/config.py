@@ -10,7 +10,6 @@ RECON_MODELS = ("conv_ae", "unet_ae", "fc_ae", "vae", "draem")
 FEATURE_MODELS = ("ocsvm", "patchcore")
 CROP_MODELS = ("conv_ae", "unet_ae", "draem")  # fully convolutional: train on crops, score whole images
 LOSSES = ("mse", "ssim", "mse_ssim")
-THRESHOLDS = ("f1", "otsu", "percentile", "false_alarm", "recall")
 
 
 def _from(cls, args: argparse.Namespace, **override):

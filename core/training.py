@@ -279,19 +279,19 @@ def fit_loop(cfg: LoopConfig, state: RunState, train_epoch: Callable[[int], floa
 # ------------------------------------------------------------------------------------------ stages, configs
 
 
-def stage_done(folder: Path, info: dict) -> bool:
-    """True when the stage in ``folder`` finished with exactly ``info`` (its ``done.json``): a rerun
-    reuses it instead of training again."""
-    done = Path(folder) / "done.json"
+def stage_done(folder: Path, info: dict, name: str = "done.json") -> bool:
+    """True when the stage in ``folder`` finished with exactly ``info`` (its stamp ``name``): a rerun
+    reuses it instead of computing it again."""
+    done = Path(folder) / name
     if done.is_file() and json.loads(done.read_text()) == json.loads(json.dumps(info, default=str)):
         log.info("stage already done: %s", done)
         return True
     return False
 
 
-def mark_stage_done(folder: Path, info: dict) -> None:
+def mark_stage_done(folder: Path, info: dict, name: str = "done.json") -> None:
     """Written last, once the stage's outputs are all on disk."""
-    atomic_write_json(Path(folder) / "done.json", info)
+    atomic_write_json(Path(folder) / name, info)
 
 
 def config_from_args(cls, args: argparse.Namespace, **override):

@@ -8,17 +8,23 @@ Rerun-safe: an existing pretraining conversion written with the same source, see
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from defectkit.converters.canonical import read_records
+from defectkit.converters.convert import ConvertConfig, convert
 from defectkit.core.errors import MissingFileError
 from defectkit.core.paths import WORK
+from defectkit.core.training import mark_stage_done, stage_done
+from defectkit.datasets.defect_synth import write_synthetic_root
+from defectkit.datasets.mvtec import index_dataset
+from defectkit.datasets.split import build_manifest, write_manifest
 
 log = logging.getLogger("defectkit.finetune.synthetic_pretrain")
 
 PRETRAIN_FRACTIONS = {"train": 0.8, "val": 0.2, "test": 0.0}
+STAMP = "pretrain.json"  # in the conversion folder: what was synthesized, so a rerun reuses it
 
 
 @dataclass(frozen=True)
@@ -29,8 +35,6 @@ class PretrainData:
 
 def source_of(conversion: Path) -> tuple[Path, list[str]]:
     """The data root and categories a conversion folder was made from (its ground_truth.jsonl)."""
-    from defectkit.converters.canonical import read_records
-
     gt = conversion / "ground_truth.jsonl"
     if not gt.is_file():
         raise MissingFileError(f"{gt} not found: --synthetic-pretrain needs a conversion folder of make convert")
@@ -41,21 +45,13 @@ def source_of(conversion: Path) -> tuple[Path, list[str]]:
 def prepare(conversion: Path, n: int, seed: int = 0, formats: tuple[str, ...] = ("yolo", "coco"),
             out: Path | None = None, progress: bool = False) -> PretrainData:
     """Synthesize ``n`` defect images (split evenly over the categories) and convert them."""
-    from defectkit.converters.convert import ConvertConfig, convert
-    from defectkit.core.atomic import atomic_write_json
-    from defectkit.datasets.defect_synth import write_synthetic_root
-    from defectkit.datasets.mvtec import index_dataset
-    from defectkit.datasets.split import build_manifest, write_manifest
-
     data_root, categories = source_of(conversion)
     tag = f"{data_root.resolve().name}-synth-s{seed}-n{n}"
     out = out or WORK / "data" / tag
     conv = out / "converted" / "all-single"
     want = {"source": str(data_root.resolve()), "categories": categories, "images": n, "seed": seed,
             "formats": list(formats)}
-    stamp = conv / "pretrain.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == want:
-        log.info("reusing synthetic pretraining data %s", conv)
+    if stage_done(conv, want, STAMP):
         return PretrainData(conv, want)
     per_cat = max(1, n // len(categories))
     for cat in categories:
@@ -65,5 +61,5 @@ def prepare(conversion: Path, n: int, seed: int = 0, formats: tuple[str, ...] = 
     license_ = "synthetic"
     convert(out / "root", manifest, conv, ConvertConfig(formats=formats, scheme="single", license=license_),
             progress=progress)
-    atomic_write_json(stamp, want)
+    mark_stage_done(conv, want, STAMP)
     return PretrainData(conv, want)

@@ -62,6 +62,7 @@ from defectkit.finetune.yolo_core import (
 )
 from defectkit.finetune.yolo_deploy import write_spec
 from defectkit.finetune.yolo_eval import evaluate
+from defectkit.review.metrics import THRESHOLDS
 
 log = logging.getLogger("defectkit.finetune.yolo")
 
@@ -131,6 +132,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="Ultralytics-style run name (default <data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue <out>/weights/last.pt")
     p.add_argument("--conf", type=float, default=0.001, help="confidence floor of the test predictions")
+    p.add_argument("--threshold", choices=THRESHOLDS, default="f1",
+                   help="how the image threshold (on the highest box confidence) is chosen on the val fold")
+    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="for --threshold percentile / false_alarm")
+    p.add_argument("--max-false-alarm", type=float, default=None, metavar="RATE",
+                   help="operating point: the image threshold rejects at most RATE of the good val images "
+                        "(= --threshold false_alarm --false-alarm-rate RATE)")
     p.add_argument("--synthetic-pretrain", type=int, default=0, metavar="N",
                    help="first pretrain on N synthetic defect images painted on the data's good images "
                         "(one class, 'defect'), then fine-tune on the real train fold from that checkpoint")
@@ -259,6 +266,11 @@ def _print_summary(m: dict, run_dir: Path) -> None:
         f"{c.get('map50', float('nan')):.3f} / {c.get('map50_95', float('nan')):.3f} (pycocotools), "
         f"image AUROC {m.get('image_auroc', float('nan')):.3f}, {m.get('images_per_s', float('nan')):.1f} images/s"
     )
+    op, thr = m.get("at_threshold"), m.get("thresholds", {})
+    if op:
+        print(f"at the image threshold chosen on validation ({thr.get('rule')}): {op['fp']} of {op['fp'] + op['tn']} "
+              f"good test images rejected (false-alarm rate {op['false_alarm_rate']:.3f}), {op['fn']} of "
+              f"{op['fn'] + op['tp']} defective ones passed (miss rate {op['miss_rate']:.3f})")
     if m.get("note"):
         print(f"note: {m['note']}")
     print(f"run folder: {run_dir}")

@@ -67,12 +67,17 @@ class YoloConfig:
     cache: bool = False
     resume: bool = False
     conf: float = 0.001
+    threshold: str = "f1"  # how the image threshold is chosen on the val fold
+    false_alarm_rate: float = 0.01
     quiet: bool = False
     recipe: str = ""  # e.g. "synthetic pretrain 400": shown beside the model name in comparisons
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> YoloConfig:
-        return cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
+        cfg = cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
+        if getattr(args, "max_false_alarm", None) is not None:  # the operating point, as the anomaly models'
+            cfg = dataclasses.replace(cfg, threshold="false_alarm", false_alarm_rate=args.max_false_alarm)
+        return cfg
 
 
 # the Ultralytics hyper-parameters --no-augment sets to 0

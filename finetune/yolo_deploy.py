@@ -26,7 +26,12 @@ SCORE_ATOL = 1e-3
 
 
 def image_threshold(val_records, val_preds, method: str = "f1", false_alarm_rate: float = 0.01) -> dict:
-    """The image threshold on the val fold's highest box confidences."""
+    """The image threshold on the val fold's highest box confidences (``method`` as the anomaly models'
+    ``--threshold``; ``false_alarm`` keeps at most ``false_alarm_rate`` of the good val images rejected).
+
+    An image without a box scores 0, so a threshold at or below 0 would reject every image, boxes or not
+    (F1 picks it when most val images are defective and the detector misses many): the threshold is
+    raised to the lowest box confidence seen, so NG always means "a box was found"."""
     from defectkit.review.metrics import choose_threshold
 
     by = {p.image: p for p in val_preds}
@@ -35,7 +40,16 @@ def image_threshold(val_records, val_preds, method: str = "f1", false_alarm_rate
     if not len(scores):
         return {"image": 0.25, "rule": "default 0.25 (no val fold)", "source": "none"}
     thr, rule = choose_threshold(method, scores, labels, false_alarm_rate)
-    return {"image": float(thr), "rule": rule, "source": "val fold", "val_images": int(len(scores))}
+    if thr <= 0:
+        boxed = scores[scores > 0]
+        thr = float(boxed.min()) if len(boxed) else 1.0
+        rule += (" (raised to the lowest val box confidence: an image needs a box to be rejected)" if len(boxed)
+                 else " (no box on the val fold: nothing is rejected)")
+    elif (scores >= thr).any():  # the lowest val score at or above it: the same val decisions, a readable value
+        thr = float(scores[scores >= thr].min())
+    good = scores[~labels]
+    return {"image": float(thr), "rule": rule, "source": "val fold", "val_images": int(len(scores)),
+            "val_false_alarm_rate": float((good >= thr).mean()) if len(good) else None}
 
 
 def write_spec(run_dir: Path, cfg, spec: dict, names: list[str], thresholds: dict) -> dict:

@@ -16,6 +16,7 @@ from defectkit.core.errors import DataError
 from defectkit.finetune.yolo_core import YoloConfig, conversion_dir, device
 from defectkit.finetune.yolo_deploy import image_threshold
 from defectkit.review.detection import box_f1_conf, coco_evaluate, image_auroc
+from defectkit.review.metrics import confusion_at
 
 log = logging.getLogger("defectkit.finetune.yolo")
 
@@ -142,7 +143,10 @@ def evaluate(
     metrics["images_per_s"] = ips
     val = [r for r in gt if r.fold == "val"]
     val_preds = predict_records(model, val, Path(header["data_root"]), names, cfg, spec["task"])[0] if val else []
-    metrics["thresholds"] = image_threshold(val, val_preds)
+    metrics["thresholds"] = image_threshold(val, val_preds, cfg.threshold, cfg.false_alarm_rate)
+    y = np.array([len(r) > 0 for r in test])
+    s = np.array([p.image_score or 0.0 for p in preds])
+    metrics["at_threshold"] = confusion_at(s, y, metrics["thresholds"]["image"])  # the test fold's operating point
     # the box confidence a detect-then-segment cascade keeps boxes at: the peak of the val fold's F1 curve
     box = box_f1_conf(val, val_preds) if val_preds else None
     metrics["thresholds"]["box_conf"] = None if box is None else box["conf"]

@@ -31,6 +31,10 @@ __all__ = ["auroc", "average_precision", "f1_max", "aupro", "pixel_metrics", "re
            "image_metrics", "rank_curves"]
 
 
+#: how a threshold is chosen on validation scores (:func:`choose_threshold`); every family offers them
+THRESHOLDS = ("f1", "otsu", "percentile", "false_alarm", "recall")
+
+
 def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores).reshape(-1)
     if s.dtype.kind != "f":

@@ -276,3 +276,28 @@ def test_optimizer_step_settings_reach_ultralytics(tmp_path):
     seen = overrides("--optimizer", "SGD")
     assert seen["nbs"] == 64 and "warmup_bias_lr" not in seen  # Ultralytics' defaults
     assert overrides("--no-augment")["mosaic"] == 0.0 and "mosaic" not in seen
+
+
+def test_a_detectors_image_threshold_never_rejects_an_image_without_a_box():
+    """Val fold: 4 defective images, 2 good; boxes (0.6, 0.4) on two defects only.  F1 is highest with every
+    image rejected (threshold 0: P 4/6, R 1, F1 0.8 against 0.667 at 0.4), which would reject every good part
+    on the line; the threshold is raised to the lowest box confidence, 0.4, so NG means a box was found."""
+    from defectkit.converters.canonical import ImageRecord
+    from defectkit.finetune.yolo_deploy import image_threshold
+
+    def rec(name, n_boxes, score=0.0):
+        return ImageRecord(image=name, height=8, width=8, boxes_xyxy=np.tile([0.0, 0, 4, 4], (n_boxes, 1)),
+                           labels=["d"] * n_boxes, scores=np.full(n_boxes, score), image_score=score)
+
+    gt = [rec(f"d{i}", 1) for i in range(4)] + [rec("g0", 0), rec("g1", 0)]
+    preds = [rec("d0", 1, 0.6), rec("d1", 1, 0.4), rec("d2", 0), rec("d3", 0), rec("g0", 0), rec("g1", 0)]
+    t = image_threshold(gt, preds)
+    assert t["image"] == 0.4 and "raised" in t["rule"] and t["val_false_alarm_rate"] == 0.0
+    none = image_threshold(gt, [rec(p.image, 0) for p in preds])
+    assert none["image"] == 1.0 and "nothing is rejected" in none["rule"]
+    # a good image with a box at 0.5, and at most half the good images may be rejected: any box rejects,
+    # which the lowest box confidence (0.4) says with the same val decisions
+    preds[4] = rec("g0", 1, 0.5)
+    fa = image_threshold(gt, preds, "false_alarm", 0.5)
+    assert fa["image"] == 0.4 and fa["val_false_alarm_rate"] == 0.5
+    assert image_threshold(gt, preds, "false_alarm", 0.0)["val_false_alarm_rate"] == 0.0  # above 0.5 now
