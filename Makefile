@@ -41,20 +41,15 @@ CONVERT_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --seed $(SEE
 	--scheme $(SCHEME) --workers $(WORKERS) --manifest $(OUT_DIR)/manifest.json --out $(CONV_DIR)
 # YOLO: the offline from-scratch recipe by default (no weights can be downloaded here);
 # with weights in work/weights: YOLO_ARGS="--text-embeddings clip --epochs 100 --imgsz 640"
-# the demo's anomaly model: DRAEM (reconstruct-and-discriminate on synthesized defects), README "DRAEM"
+# the demo's recipes are configs/demo/*.yaml (configs/README.md); MODEL= picks another anomaly model
 MODEL ?= draem
-ANOMALY_ARGS_draem := --imgsz 128 --epochs 12 --batch 8 --lr 1e-3 --augment
+ANOMALY_ARGS_draem := --config configs/demo/anomaly.yaml
 ANOMALY_ARGS ?= $(or $(ANOMALY_ARGS_$(MODEL)),--imgsz 128 --epochs 12 --augment)
 YOLO_MODEL ?= yolov8n-worldv2
-# --nbs 8: an optimizer step per batch of 8 (Ultralytics' nominal 64 would accumulate 8 batches into one step);
-# real categories need longer from scratch and synthetic pretraining, e.g.
-# YOLO_ARGS="... --epochs 120 --close-mosaic 120 --synthetic-pretrain 200 --pretrain-epochs 8" (README "YOLO-World and YOLO")
-YOLO_ARGS ?= --from-scratch --text-embeddings hash --epochs 56 --imgsz 256 --batch 8 --optimizer AdamW --lr0 0.001 \
-	--nbs 8 --close-mosaic 56
+# real photographs: YOLO_ARGS="--config configs/real/yolo.yaml" (synthetic pretraining, 120 epochs)
+YOLO_ARGS ?= --config configs/demo/yolo.yaml
 SAM_MODEL ?= tiny
-# the offline tiny SAM learns only with its encoder trained too, and each box segmented on its own crop
-# (README "SAM")
-SAM_ARGS ?= --epochs 16 --lr 1e-3 --train-encoder --crop 2
+SAM_ARGS ?= --config configs/demo/sam.yaml
 APP_PORT ?= 5151
 
 # the demo's stages, each a file target: a finished stage is reused, a rerun is safe

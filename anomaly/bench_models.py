@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 from defectkit.core.atomic import atomic_write_json, atomic_write_text
+from defectkit.core.cli import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=None)
     p.add_argument("--category", default="washer")
     p.add_argument("--models", default="draem,conv_ae,unet_ae,vae,fc_ae")

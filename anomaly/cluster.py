@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from defectkit.core.atomic import atomic_write_json
+from defectkit.core.cli import HelpFormatter
 
 
 def thumbnail_features(rgb: np.ndarray) -> np.ndarray:
@@ -71,7 +72,7 @@ def _features(paths: list[Path], kind: str, weights: Path | None) -> np.ndarray:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m defectkit.anomaly.cluster", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--categories", required=True, help="comma-separated categories pooled into one folder")

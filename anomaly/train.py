@@ -39,7 +39,7 @@ import logging
 import time
 from pathlib import Path
 
-from defectkit.anomaly.config import CROP_MODELS, FEATURE_MODELS, LOSSES, RECON_MODELS, THRESHOLDS, RunConfig
+from defectkit.anomaly.config import CROP_MODELS, FEATURE_MODELS, LOSSES, RECON_MODELS, RunConfig
 from defectkit.anomaly.data import entry_masks, load_category
 from defectkit.anomaly.deploy import write_spec
 from defectkit.anomaly.evaluate import (
@@ -52,12 +52,14 @@ from defectkit.anomaly.evaluate import (
 )
 from defectkit.anomaly.trainer import build_scorer
 from defectkit.core.atomic import atomic_write_json
-from defectkit.core.cli import run_cli
+from defectkit.core.cli import HelpFormatter, run_cli
+from defectkit.core.config import write_run_config
 from defectkit.core.distributed import Dist, process_group
 from defectkit.core.errors import ConfigError
 from defectkit.core.paths import WORK
 from defectkit.core.training import resolve_device, write_run_args
 from defectkit.datasets.split import resolve_manifest
+from defectkit.review.metrics import THRESHOLDS
 from defectkit.review.summary import write_summary
 
 log = logging.getLogger("defectkit.anomaly")
@@ -65,7 +67,7 @@ log = logging.getLogger("defectkit.anomaly")
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="MVTec-layout root (default: embedded synthetic set)")
     p.add_argument("--category", default="washer", help="a category of the manifest, or 'all'")
     p.add_argument("--manifest", type=Path, default=None,
@@ -131,7 +133,7 @@ def run_folder(cfg: RunConfig, root: Path) -> Path:
     return (cfg.out or default).resolve()
 
 
-def run_category(cfg: RunConfig, dist=None) -> dict:
+def run_category(cfg: RunConfig, dist=None, flags: argparse.Namespace | None = None) -> dict:
     """Train and score one category; writes the run folder and returns its metrics.  In a torchrun
     job every process trains; rank 0 alone scores and writes (the others return ``{}``)."""
     import torch
@@ -152,6 +154,9 @@ def run_category(cfg: RunConfig, dist=None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         write_run_args(run, cfg)
+        if flags is not None:  # the flags of this category's run: --config <run>/config.yaml reruns it
+            write_run_config(run, argparse.Namespace(**{**vars(flags), "category": cfg.data.category,
+                                                        "out": str(run)}))
     t0 = time.perf_counter()
     scorer, model, history = build_scorer(cfg, data, run, device, dist)
     train_s = time.perf_counter() - t0
@@ -193,14 +198,14 @@ def main(args: argparse.Namespace) -> dict:
     cfg = RunConfig.from_args(args)
     with process_group(resolve_device(cfg.device)) as dist:
         if cfg.data.category != "all":
-            return run_category(cfg, dist)
+            return run_category(cfg, dist, args)
         root, manifest = resolve_manifest(cfg.data.data, cfg.data.manifest, cfg.data.seed, None)
         out, runs = {}, {}
         for cat in manifest["categories"]:
             sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, category=cat),
                                       out=cfg.out / cat if cfg.out else None)
             runs[cat] = run_folder(sub, root)
-            out[cat] = _finished(sub, runs[cat]) or run_category(sub, dist)
+            out[cat] = _finished(sub, runs[cat]) or run_category(sub, dist, args)
         if dist.is_main:
             top = cfg.out.resolve() if cfg.out else run_folder(cfg, root)
             write_summary(top, "anomaly", runs, f"{cfg.model.model} on {len(runs)} categories of {Path(root).name}")

@@ -19,6 +19,7 @@ from defectkit.converters.convert import (
     format_report,
 )
 from defectkit.converters.instances import CLASS_SCHEMES
+from defectkit.core.cli import HelpFormatter
 from defectkit.core.paths import WORK
 from defectkit.datasets import synthetic
 from defectkit.datasets.split import load_or_build_manifest
@@ -26,7 +27,7 @@ from defectkit.datasets.split import load_or_build_manifest
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m defectkit.converters", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="MVTec-layout root (default: embedded synthetic set)")
     p.add_argument("--category", default="all", help="category name or 'all' (default)")
     p.add_argument("--manifest", type=Path, default=None, help="split manifest (default <data out>/manifest.json)")

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from defectkit.converters.convert import FORMATS, ConvertConfig, convert
+from defectkit.core.cli import HelpFormatter
 from defectkit.datasets import synthetic
 from defectkit.datasets.mvtec import index_dataset
 from defectkit.datasets.split import build_manifest, entries
@@ -119,7 +120,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--category", default="all")
     p.add_argument("--scale", type=int, default=4, help="upsample masks and images by this factor (default 4)")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.core.atomic import atomic_torch_save, atomic_write_json, load_checkpoint
+from defectkit.core.config import write_run_config
 from defectkit.core.errors import ConfigError, DataError, MissingFileError, TrainingError
 from defectkit.core.progress import progress
 
@@ -301,8 +302,10 @@ def config_from_args(cls, args: argparse.Namespace, **override):
 
 def write_run_args(run: Path, config) -> dict:
     """``<run>/run_args.json``: the resolved configuration of a run (a config dataclass or the parsed
-    arguments), as plain JSON."""
+    arguments), as plain JSON; for parsed arguments also ``<run>/config.yaml``."""
     obj = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else vars(config)
     plain = json.loads(json.dumps(obj, default=str))
     atomic_write_json(Path(run) / "run_args.json", plain)
+    if isinstance(config, argparse.Namespace):  # the flags themselves: --config <run>/config.yaml reruns them
+        write_run_config(run, config)
     return plain

@@ -20,6 +20,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from defectkit.core.cli import HelpFormatter
 from defectkit.core.paths import WORK
 from defectkit.datasets import synthetic
 from defectkit.datasets.mvtec import index_dataset
@@ -32,7 +33,7 @@ log = logging.getLogger("defectkit.datasets")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m defectkit.datasets", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("command", choices=["generate", "validate", "stats", "split", "synth-defects", "demo"])
     p.add_argument("--data", type=Path, default=None, help="MVTec-layout root (default: embedded synthetic set)")
     p.add_argument("--category", default="all", help="category name or 'all' (default)")

@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from defectkit.core.cli import run_cli
+from defectkit.core.cli import HelpFormatter, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     from defectkit.deploy import export, predict
 
     p = argparse.ArgumentParser(prog="python -m defectkit.deploy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("predict", help="OK/NG, maps, boxes, overlays and a CSV for new images")
     predict.add_arguments(pp)

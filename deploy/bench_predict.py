@@ -15,7 +15,7 @@ import platform
 import time
 from pathlib import Path
 
-from defectkit.core.cli import run_cli
+from defectkit.core.cli import HelpFormatter, run_cli
 
 
 def _best(fn, repeat: int) -> float:
@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m defectkit.deploy.bench_predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--images")
     p.add_argument("--n", type=int, default=32)

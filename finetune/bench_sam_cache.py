@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from defectkit.core.cli import HelpFormatter
+
 
 def main(argv: list[str] | None = None) -> dict:
     import torch
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     from defectkit.finetune import sam_data, sam_train
     from defectkit.finetune.sam_core import EmbeddingCache, load_sam
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=sam_data.default_data())
     p.add_argument("--model", default="tiny")
     p.add_argument("--checkpoint", type=Path, default=None)

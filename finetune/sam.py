@@ -40,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from defectkit.core.atomic import atomic_write_json
-from defectkit.core.cli import run_cli
+from defectkit.core.cli import HelpFormatter, run_cli
 from defectkit.core.distributed import process_group
 from defectkit.core.paths import WORK
 from defectkit.core.training import resolve_device, write_run_args
@@ -56,7 +56,7 @@ log = logging.getLogger("defectkit.finetune.sam")
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="conversion folder of make convert (default: the demo's)")
     p.add_argument("--category", default=None, help="only this category's images")
     p.add_argument("--model", choices=MODEL_NAMES, default="vit_b")

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from defectkit.core.atomic import atomic_write_json
-from defectkit.core.cli import run_cli
+from defectkit.core.cli import HelpFormatter, run_cli
 from defectkit.core.errors import MissingFileError
 from defectkit.core.paths import WORK
 from defectkit.core.training import mark_stage_done, stage_done, write_run_args
@@ -69,7 +69,7 @@ log = logging.getLogger("defectkit.finetune.yolo")
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
                    help="data.yaml written by make convert (default: the embedded demo's conversion of --category)")
     p.add_argument("--category", default="all", help="with no --data: the conversion of this category (default all)")
@@ -100,6 +100,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default=None, help="'cpu', '0', '0,1' (DDP); default: GPU 0 if present")
     p.add_argument("--workers", type=int, default=2, help="dataloader workers")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for training and inference (default: every core; Ultralytics' own choice "
+                        "is cores - 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patience", type=int, default=50, help="early stopping on val fitness (Ultralytics)")
     p.add_argument("--optimizer", default="auto")
@@ -143,11 +146,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(one class, 'defect'), then fine-tune on the real train fold from that checkpoint")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the synthetic stage (default --epochs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch output from Ultralytics")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="Ultralytics training arguments passed through as they are, e.g. mosaic=0.5 hsv_v=0.2")
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
-    setup_env()
+    setup_env(args.threads)
     cfg = YoloConfig.from_args(args)
     spec = MODELS[cfg.model]
     data_yaml = data_for(spec, (args.data or default_data(args.category)))

@@ -68,6 +68,7 @@ class YoloConfig:
     resume: bool = False
     conf: float = 0.001
     threshold: str = "f1"  # how the image threshold is chosen on the val fold
+    overrides: tuple[str, ...] = ()  # Ultralytics' own training arguments, key=value
     false_alarm_rate: float = 0.01
     quiet: bool = False
     recipe: str = ""  # e.g. "synthetic pretrain 400": shown beside the model name in comparisons
@@ -75,6 +76,7 @@ class YoloConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> YoloConfig:
         cfg = cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
+        cfg = dataclasses.replace(cfg, overrides=tuple(cfg.overrides))
         if getattr(args, "max_false_alarm", None) is not None:  # the operating point, as the anomaly models'
             cfg = dataclasses.replace(cfg, threshold="false_alarm", false_alarm_rate=args.max_false_alarm)
         return cfg
@@ -97,10 +99,17 @@ NO_AUGMENT = {
 }
 
 
-def setup_env() -> None:
-    """Ultralytics writes settings to a config dir and goes online unless told not to."""
+def setup_env(threads: int | None = None) -> None:
+    """Ultralytics writes settings to a config dir and goes online unless told not to; on CPU it trains on
+    ``min(8, cores - 1)`` threads (one on a 2-core machine) and sets ``OMP_NUM_THREADS=1`` on import:
+    ``threads`` (default: every core) replaces both."""
     os.environ.setdefault("YOLO_CONFIG_DIR", str(WORK / "ultralytics"))
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    n = threads or os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    from ultralytics.utils import torch_utils
+
+    torch_utils.NUM_THREADS = n  # what select_device hands to torch.set_num_threads on CPU
     plain_ultralytics_bars()
 
 
@@ -202,6 +211,24 @@ def prepare_text_embeddings(cfg: YoloConfig, names: list[str], prompts: list[str
     }
 
 
+def ultralytics_overrides(pairs) -> dict:
+    """``key=value`` arguments as Ultralytics' ``model.train`` takes them (values read as YAML: numbers,
+    booleans, lists); a key Ultralytics does not know is refused, as ``yolo train`` refuses it."""
+    import yaml
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{pair!r}: pass Ultralytics arguments as key=value, e.g. mosaic=0.5")
+        if key not in DEFAULT_CFG_DICT:
+            raise ConfigError(f"{key}={value}: {key!r} is not an Ultralytics training argument "
+                              "(see `yolo cfg` or ultralytics/cfg/default.yaml)")
+        out[key] = yaml.safe_load(value) if value else None
+    return out
+
+
 def train_overrides(cfg: YoloConfig, data_yaml: Path, run_dir: Path, source: str) -> dict:
     """Ultralytics' ``model.train(**kwargs)`` for a run: a pure function of the config."""
     overrides = dict(
@@ -234,6 +261,7 @@ def train_overrides(cfg: YoloConfig, data_yaml: Path, run_dir: Path, source: str
         overrides["warmup_bias_lr"] = 0.0
     if not cfg.augment:
         overrides.update(NO_AUGMENT)
+    overrides.update(ultralytics_overrides(cfg.overrides))
     return overrides
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from defectkit.converters.canonical import ImageRecord, read_records
 from defectkit.converters.instances import box_iou
 from defectkit.core.atomic import atomic_write_json, atomic_write_text
-from defectkit.core.cli import run_cli
+from defectkit.core.cli import HelpFormatter, run_cli
 from defectkit.core.errors import DataError
 from defectkit.review.detection import coco_evaluate, image_auroc
 from defectkit.review.metrics import confusion_at, iou_dice, mean_defined, pixel_metrics
@@ -190,7 +190,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m defectkit.review.compare",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--gt", type=Path, required=True, help="ground_truth.jsonl of a conversion")
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders or predictions files")

@@ -29,7 +29,7 @@ import numpy as np
 
 from defectkit.converters.canonical import ImageRecord, read_records
 from defectkit.converters.instances import decode_rle
-from defectkit.core.cli import run_cli
+from defectkit.core.cli import HelpFormatter, run_cli
 from defectkit.core.errors import ConfigError, DataError, DefectkitError
 from defectkit.core.paths import WORK
 from defectkit.review.predictions import load_runs
@@ -264,7 +264,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m defectkit.review.fiftyone_dataset",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--gt", type=Path, help="ground_truth.jsonl of a conversion (a test-fold review)")
     p.add_argument("--runs", type=Path, nargs="*", default=[])

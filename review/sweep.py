@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from defectkit.core.atomic import atomic_write_text
+from defectkit.core.cli import HelpFormatter
 from defectkit.core.errors import ConfigError, TrainingError
 from defectkit.review.summary import METRICS_FILE, write_summary
 
@@ -87,7 +88,7 @@ def sweep(family: str, todo: list[tuple[str, Path, str]], out: Path, force: bool
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 add_help=add_help)
     p.add_argument("--family", required=True, choices=sorted(METRICS_FILE))
     p.add_argument("--data", type=Path, default=None, help="MVTec-layout root (default: the embedded set)")

@@ -301,3 +301,20 @@ def test_a_detectors_image_threshold_never_rejects_an_image_without_a_box():
     fa = image_threshold(gt, preds, "false_alarm", 0.5)
     assert fa["image"] == 0.4 and fa["val_false_alarm_rate"] == 0.5
     assert image_threshold(gt, preds, "false_alarm", 0.0)["val_false_alarm_rate"] == 0.0  # above 0.5 now
+
+
+def test_ultralytics_trains_on_every_core_not_cores_minus_one(monkeypatch):
+    """Ultralytics' CPU default is min(8, cores - 1) threads: one thread on a 2-core machine."""
+    import torch
+    from ultralytics.utils import torch_utils
+
+    from defectkit.finetune.yolo_core import setup_env
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch_utils, "NUM_THREADS", 1)
+    try:
+        setup_env(3)
+        torch_utils.select_device("cpu", verbose=False)
+        assert torch_utils.NUM_THREADS == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,142 @@
+"""Recipes as data: ``--config`` files, flags that win over them, runs that write their own ``config.yaml``,
+and the ``defectkit`` command that reaches every part of the suite."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from defectkit.core.cli import HelpFormatter, parse
+from defectkit.core.config import CONFIGS, read_yaml
+from defectkit.core.errors import ConfigError, MissingFileError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="toy", formatter_class=HelpFormatter)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--crop", type=float, default=0.0, help="crop factor")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--augment", action="store_true")
+    return p
+
+
+def test_a_config_file_sets_defaults_and_flags_still_win(tmp_path):
+    (tmp_path / "r.yaml").write_text("epochs: 7\ncrop: 2\nout: runs/x\naugment: true\n")
+    a = parse(_parser(), ["--config", str(tmp_path / "r.yaml")])
+    assert (a.epochs, a.crop, a.out, a.augment) == (7, 2.0, Path("runs/x"), True)
+    assert isinstance(a.crop, float) and isinstance(a.out, Path)  # as if typed on the command line
+    a = parse(_parser(), ["--epochs", "9", f"--config={tmp_path / 'r.yaml'}"])
+    assert (a.epochs, a.crop) == (9, 2.0)
+    assert parse(_parser(), []).epochs == 3  # no config: the parser's own defaults
+
+
+def test_a_bad_config_names_the_file_and_the_problem(tmp_path):
+    (tmp_path / "typo.yaml").write_text("epoch: 7\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: epoch is not a flag of toy"):
+        parse(_parser(), ["--config", str(tmp_path / "typo.yaml")])
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        read_yaml(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("epochs: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not YAML"):
+        read_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "type.yaml").write_text("epochs: many\n")
+    with pytest.raises(ConfigError, match="type.yaml: a value does not fit"):
+        parse(_parser(), ["--config", str(tmp_path / "type.yaml")])
+    with pytest.raises(MissingFileError, match="nope.yaml does not exist"):
+        read_yaml(tmp_path / "nope.yaml")
+
+
+def test_help_shows_every_default():
+    text = _parser().format_help()
+    assert "(default: 3)" in text and "crop factor (default: 0.0)" in text
+    assert "--augment" in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")))
+def test_every_shipped_recipe_is_valid_for_its_command(recipe):
+    from defectkit.anomaly.train import get_args_parser as anomaly
+    from defectkit.finetune.sam import get_args_parser as sam
+    from defectkit.finetune.yolo import get_args_parser as yolo
+
+    family = Path(recipe).stem
+    parser = {"anomaly": anomaly, "yolo": yolo, "sam": sam}[family]()
+    args = parse(parser, ["--config", str(CONFIGS / recipe)])
+    for k, v in read_yaml(CONFIGS / recipe).items():
+        assert getattr(args, k) == (type(getattr(args, k))(v) if v is not None else None), k
+
+
+def test_yolo_passes_ultralytics_arguments_through_and_refuses_unknown_ones(tmp_path):
+    from defectkit.finetune.yolo import get_args_parser
+    from defectkit.finetune.yolo_core import YoloConfig, train_overrides, ultralytics_overrides
+
+    assert ultralytics_overrides(["mosaic=0.5", "fliplr=0", "cos_lr=true", "name="]) == {
+        "mosaic": 0.5, "fliplr": 0, "cos_lr": True, "name": None}
+    with pytest.raises(ConfigError, match="'mosiac' is not an Ultralytics training argument"):
+        ultralytics_overrides(["mosiac=0.5"])
+    with pytest.raises(ConfigError, match="key=value"):
+        ultralytics_overrides(["mosaic"])
+    args = parse(get_args_parser(), ["--epochs", "2", "mosaic=0.25", "--batch", "4", "hsv_v=0.1"])
+    cfg = YoloConfig.from_args(args)
+    kw = train_overrides(cfg, tmp_path / "d.yaml", tmp_path / "r", "yolov8n.yaml")
+    assert (kw["mosaic"], kw["hsv_v"], kw["epochs"], kw["batch"]) == (0.25, 0.1, 2, 4)
+
+
+def _defectkit(*args, cwd=REPO):
+    exe = Path(sys.executable).parent / "defectkit"  # the console script `make setup` installs
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "defectkit.cli"]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_the_defectkit_command_lists_its_subcommands():
+    r = _defectkit("--help")
+    assert r.returncode == 0, r.stderr
+    for cmd in ("data", "convert", "train anomaly", "train yolo", "train sam", "predict", "export", "compare",
+                "app", "bench", "cfg"):
+        assert f"  {cmd}" in r.stdout, cmd
+    bad = _defectkit("frobnicate")
+    assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr
+
+
+@pytest.mark.parametrize("cmd", ["data", "convert", "train anomaly", "train yolo", "train sam", "predict", "export",
+                                 "compare", "app", "bench convert", "bench predict", "bench anomaly", "bench sam"])
+def test_every_subcommand_has_help(cmd):
+    r = _defectkit(*cmd.split(), "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage:" in r.stdout and "--" in r.stdout
+
+
+def test_cfg_prints_what_a_command_would_run(tmp_path):
+    r = _defectkit("cfg", "train", "sam", "--config", CONFIGS / "demo" / "sam.yaml", "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["model"] == "tiny" and cfg["crop"] == 2.0 and cfg["train_encoder"] is True and cfg["epochs"] == 3
+    (tmp_path / "x.yaml").write_text("crop_size: 3\n")
+    bad = _defectkit("cfg", "train", "sam", "--config", tmp_path / "x.yaml")
+    assert bad.returncode == 2 and "crop_size is not a flag" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_runs_config_yaml_fed_back_reproduces_its_metrics(synthetic_root, tmp_path):
+    """Through the ``defectkit`` command, end to end: a tiny anomaly run writes its config.yaml; the same
+    command with ``--config <run>/config.yaml`` (and only another --out) gives the same figures."""
+    first = tmp_path / "a"
+    r = _defectkit("train", "anomaly", "--data", synthetic_root, "--manifest", tmp_path / "m.json", "--category",
+                   "washer", "--model", "fc_ae", "--imgsz", "32", "--epochs", "2", "--steps-per-epoch", "3",
+                   "--batch", "8", "--no-plots", "--device", "cpu", "-q", "--out", first, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load((first / "config.yaml").read_text())
+    assert cfg["model"] == "fc_ae" and cfg["epochs"] == 2 and cfg["out"] == str(first)
+    again = _defectkit("train", "anomaly", "--config", first / "config.yaml", "--out", tmp_path / "b", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
+    assert m2["image"] == m1["image"] and m2["pixel"]["auroc"] == m1["pixel"]["auroc"]
+    assert m2["epochs_run"] == m1["epochs_run"] == 2
