@@ -63,7 +63,7 @@ APP_NAME := defectkit-$(DATA_NAME)-$(CATEGORY)
 RUNS ?= $(YOLO_RUN) $(ANOMALY_RUN) $(SAM_RUN)
 
 .PHONY: help setup demo test test-fast lint generate validate stats split synth-defects convert bench-convert finetune-yolo \
-	anomaly bench-anomaly finetune-sam bench-sam compare app harvest clean predict export bench-predict
+	anomaly benchmark-paper bench-anomaly finetune-sam bench-sam compare app harvest clean predict export bench-predict
 
 help:
 	@echo "make setup      create .venv with every pinned dependency (other targets do it for you)"
@@ -82,6 +82,7 @@ help:
 	@echo "               CATEGORY=all (also finetune-yolo, finetune-sam, compare): one run per category + summary table;"
 	@echo "               JOBS=1 writes the per-category commands instead, FORCE=1 reruns finished ones; NPROC=2: torchrun"
 	@echo "make bench-anomaly  every reconstruction model on DATA/CATEGORY: metrics, time, throughput"
+	@echo "make benchmark-paper  MODEL on every category under the published protocol (PROTOCOL=paper), papers beside"
 	@echo "make finetune-sam   python finetune/sam.py (SAM_MODEL=vit_b SAM_ARGS='--checkpoint PATH ...')"
 	@echo "make bench-sam  a SAM decoder epoch with and without the embedding cache"
 	@echo "make compare    score RUNS=\"run folders\" on the test fold: table, JSON, HTML report"
@@ -249,15 +250,24 @@ else
 		$(if $(wildcard $(ANOMALY_RUN)/.done),--anomaly-predictions $(ANOMALY_RUN))
 endif
 
+# PROTOCOL=paper: select on good images + CutPaste only and score the whole official test split, as the published
+# tables do (runs named <model>-paper; the summary shows the published figures beside ours)
+PROTOCOL ?=
+MODEL_RUN := $(MODEL)$(if $(filter paper,$(PROTOCOL)),-paper)
 anomaly: split
 ifeq ($(CATEGORY),all)
-	$(SWEEP) --family anomaly --run '$(call RUN_OF,anomaly,$(MODEL))' --out $(SUMMARY_DIR)/anomaly-$(MODEL) \
+	$(SWEEP) --family anomaly --run '$(call RUN_OF,anomaly,$(MODEL_RUN))' --out $(SUMMARY_DIR)/anomaly-$(MODEL_RUN) \
 		--cmd '$(TRAIN_PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category {category} --manifest $(MANIFEST) \
-		--model $(MODEL) $(ANOMALY_ARGS) --out $(call RUN_OF,anomaly,$(MODEL))'
+		--model $(MODEL) $(ANOMALY_ARGS) $(if $(PROTOCOL),--protocol $(PROTOCOL)) --out $(call RUN_OF,anomaly,$(MODEL_RUN))'
 else
 	$(TRAIN_PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(MANIFEST) \
-		--model $(MODEL) $(ANOMALY_ARGS) --out $(ANOMALY_RUN)
+		--model $(MODEL) $(ANOMALY_ARGS) $(if $(PROTOCOL),--protocol $(PROTOCOL)) \
+		--out $(WORK)/runs/anomaly/$(DATA_NAME)-$(CATEGORY)-$(MODEL_RUN)
 endif
+
+# the published protocol on every category of DATA, with the papers' figures beside ours
+benchmark-paper:
+	$(MAKE) --no-print-directory anomaly CATEGORY=all PROTOCOL=paper
 
 bench-anomaly: split
 	$(PY) -m defectkit.anomaly.bench_models $(if $(DATA),--data $(DATA)) --category $(if $(filter all,$(CATEGORY)),washer,$(CATEGORY)) \

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from defectkit.core.errors import ConfigError
+
 RECON_MODELS = ("conv_ae", "unet_ae", "fc_ae", "vae", "draem")
 FEATURE_MODELS = ("ocsvm", "patchcore")
 CROP_MODELS = ("conv_ae", "unet_ae", "draem")  # fully convolutional: train on crops, score whole images
@@ -106,8 +108,14 @@ class FeatureConfig(_FromArgs):
 
 
 
+#: ``manifest``: select and threshold on the split manifest's val fold (real defects), score its test fold,
+#: the same images every model family is compared on; ``paper``: as the published tables (DRAEM, PatchCore,
+#: anomalib's benchmark): select on held-out good images + CutPaste only, score the whole official test split
+PROTOCOLS = ("manifest", "paper")
+
+
 @dataclass(frozen=True)
-class DataConfig(_FromArgs):
+class DataConfig:
     """Which images, and how validation is assembled."""
 
     data: Path | None = None
@@ -117,6 +125,16 @@ class DataConfig(_FromArgs):
     holdout: float = 0.1
     cutpaste_per_image: int = 2
     val_fold: bool = True
+    protocol: str = "manifest"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataConfig:
+        protocol = getattr(args, "protocol", "manifest")
+        val_fold = getattr(args, "val_fold", None)
+        if protocol == "paper" and val_fold:
+            raise ConfigError("--protocol paper selects the model without any real defect image: drop --val-fold "
+                              "(held-out good images and CutPaste select it)")
+        return _from(cls, args, protocol=protocol, val_fold=(protocol != "paper") if val_fold is None else val_fold)
 
 
 

@@ -94,12 +94,17 @@ class CategoryData:
 
 
 def load_category(cfg: RunConfig) -> CategoryData:
+    """One category's inputs under the run's protocol (:data:`defectkit.anomaly.config.PROTOCOLS`)."""
     d, size, mode = cfg.data, cfg.model.imgsz, cfg.model.input
     root, manifest = resolve_manifest(d.data, d.manifest, d.seed, d.category)
     goods = entries(manifest, category=d.category, source_split="train")
     fit_e, hold_e = holdout(goods, d.holdout, d.seed)
-    val_e = [e for e in entries(manifest, category=d.category, fold="val") if e.source_split == "test"]
-    test_e = [e for e in entries(manifest, category=d.category, fold="test") if e.source_split == "test"]
+    if d.protocol == "paper":  # no real defect before scoring; every image of the official test split scored
+        val_e = []
+        test_e = entries(manifest, category=d.category, source_split="test")
+    else:
+        val_e = [e for e in entries(manifest, category=d.category, fold="val") if e.source_split == "test"]
+        test_e = [e for e in entries(manifest, category=d.category, fold="test") if e.source_split == "test"]
     t0 = time.perf_counter()
     fit_x = load_inputs([root / e.image for e in fit_e], size, mode, progress=not cfg.train.quiet)
     hold_x = load_inputs([root / e.image for e in hold_e], size, mode)

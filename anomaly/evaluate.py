@@ -88,7 +88,7 @@ def write_scores(run: Path, test_e, scores, y) -> None:
 
 
 def write_predictions(run: Path, data: CategoryData, maps: np.ndarray, scores: np.ndarray, hws, thr: Thresholds,
-                      model_name: str, map_resolution: int) -> None:
+                      model_name: str, map_resolution: int, protocol: str = "manifest") -> None:
     """Canonical predictions: maps saved once (float16), thresholded maps as masks and boxes."""
     (run / "maps").mkdir(exist_ok=True)
     records = []
@@ -102,7 +102,7 @@ def write_predictions(run: Path, data: CategoryData, maps: np.ndarray, scores: n
                                    scores=box_scores, masks=rles, anomaly_map=f"maps/{name}", image_score=float(s),
                                    key=e.key, category=e.category, defect_type=e.defect_type, fold=e.fold))
     header = make_header("predictions", model_name, ["anomaly"], data.root, manifest=data.manifest.get("path"),
-                         fold="test", map_resolution=map_resolution, pixel_threshold=thr.pixel,
+                         fold="test", protocol=protocol, map_resolution=map_resolution, pixel_threshold=thr.pixel,
                          image_threshold=thr.image, kind_of_model="anomaly",
                          note="box/mask scores are raw anomaly-map values, not probabilities")
     write_records(run / "predictions.jsonl", header, records)
@@ -119,7 +119,8 @@ def write_run_plots(run, cfg, model, data, test_maps, masks, scores, device, pix
 
 def print_metrics(m: dict, run: Path) -> None:
     px = m.get("pixel", {})
-    print(f"{m['model']} on {m['category']} test fold ({m['test_images']} images): "
+    where = "whole test split, paper protocol" if m.get("protocol") == "paper" else "test fold"
+    print(f"{m['model']} on {m['category']} {where} ({m['test_images']} images): "
           f"image AUROC {m['image']['auroc']:.3f}"
           + (f", pixel AUROC {px['auroc']:.3f}, AUPRO@30% {px['aupro']:.3f}" if px else "")
           + (f", latent kNN AUROC {m['latent_knn_auroc']:.3f}" if "latent_knn_auroc" in m else "")

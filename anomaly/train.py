@@ -39,7 +39,7 @@ import logging
 import time
 from pathlib import Path
 
-from defectkit.anomaly.config import CROP_MODELS, FEATURE_MODELS, LOSSES, RECON_MODELS, RunConfig
+from defectkit.anomaly.config import CROP_MODELS, FEATURE_MODELS, LOSSES, PROTOCOLS, RECON_MODELS, RunConfig
 from defectkit.anomaly.data import entry_masks, load_category
 from defectkit.anomaly.deploy import write_spec
 from defectkit.anomaly.evaluate import (
@@ -99,8 +99,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "validation at large --imgsz can cost more than the epoch's training")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of train/good held out for validation")
     p.add_argument("--cutpaste-per-image", type=int, default=2)
-    p.add_argument("--val-fold", action=argparse.BooleanOptionalAction, default=True,
-                   help="also validate on the manifest's val fold (real defects)")
+    p.add_argument("--val-fold", action=argparse.BooleanOptionalAction, default=None,
+                   help="also validate on the manifest's val fold (real defects); default: on under --protocol "
+                        "manifest, refused under --protocol paper")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="manifest",
+                   help="manifest: select on the manifest's val fold, score its test fold (the images every model "
+                        "family is compared on); paper: select on held-out good images + CutPaste only and score "
+                        "the whole official test split, as published tables do")
     p.add_argument("--scales", default=None,
                    help="sliding-window sizes in model pixels, e.g. 64,128 (default: whole image)")
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of maps, in model pixels")
@@ -169,6 +174,7 @@ def run_category(cfg: RunConfig, dist=None, flags: argparse.Namespace | None = N
     thr = choose_thresholds(cfg, scorer, data, pixel_level)
     masks = entry_masks(data.root, data.test_e)
     metrics = {"model": cfg.model.model, "category": cfg.data.category, "data": str(data.root),
+               "protocol": cfg.data.protocol,
                "input": cfg.model.input, "loss": cfg.train.loss if model is not None else None,
                "size": cfg.model.imgsz, "train_images": len(data.fit_x), "test_images": len(data.test_e),
                "train_seconds": train_s, "images_per_s": len(data.test_x) / infer_s if infer_s > 0 else float("nan"),
@@ -180,7 +186,7 @@ def run_category(cfg: RunConfig, dist=None, flags: argparse.Namespace | None = N
     scores = scorer.image_scores(test_maps)
     write_scores(run, data.test_e, scores, data.test_y)
     write_predictions(run, data, test_maps, scores, [m.shape for m in masks], thr, cfg.model.model,
-                      cfg.model.imgsz)
+                      cfg.model.imgsz, cfg.data.protocol)
     if cfg.plots:
         write_run_plots(run, cfg, model, data, test_maps, masks, scores, device, pixel_level)
     if hasattr(scorer, "head"):  # the map head predict and export run (feature models have none)

@@ -34,6 +34,15 @@ COMPARE_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("image AUROC", ("image_auroc",)), ("pixel AUROC", ("pixel_auroc",)),
     ("mAP50 (agnostic)", ("det_class_agnostic", "map50")), ("pixel IoU", ("pixel_iou",)),
 ]
+#: published MVTec AD figures (in %) under the papers' protocol, for the reference column of a ``--protocol paper``
+#: summary: DRAEM (Zavrtanik, Kristan, Skocaj, ICCV 2021, Tables 1-2; trained from scratch, as here) and the SSIM
+#: autoencoder (Bergmann et al., VISAPP 2019, as tabulated by DRAEM).  Only figures read from those tables;
+#: a category missing here shows "-".
+PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
+    "DRAEM": {"mean (15)": {"image AUROC": 98.0, "pixel AUROC": 97.3, "pixel AP": 68.4},
+              "bottle": {"image AUROC": 99.2, "pixel AUROC": 99.1, "pixel AP": 86.5}},
+    "AE-SSIM": {"mean (15)": {"pixel AUROC": 87.0, "AUPRO": 69.4}, "bottle": {"pixel AUROC": 93.0}},
+}
 METRICS_FILE = {"anomaly": "metrics.json", "yolo": "metrics.json", "sam": "metrics.json",
                 "compare": "comparison.json"}
 
@@ -136,6 +145,20 @@ def plot(tables: Mapping[str, Mapping], path: Path, title: str = "") -> None:
     tmp.replace(path)
 
 
+def published_table(categories: Sequence[str]) -> str:
+    """The published figures (:data:`PUBLISHED`) for the categories run and the papers' 15-category mean, as a
+    reference table (in %; a mean is comparable only when all 15 MVTec AD categories were run)."""
+    cols = ["image AUROC", "pixel AUROC", "AUPRO", "pixel AP"]
+    lines = ["Published (MVTec AD, the papers' protocol, %; DRAEM: Zavrtanik et al. ICCV 2021; AE-SSIM: Bergmann "
+             "et al. 2019):", "", "| method | category | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for method, table in PUBLISHED.items():
+        for cat in [*categories, "mean (15)"]:
+            row = table.get(cat, {})
+            lines.append(f"| {method} | {cat} | " + " | ".join(f"{row[c]:.1f}" if c in row else "-" for c in cols)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(out: Path, family: str, runs: Mapping[str, Path | None], title: str = "") -> dict:
     """Read each category's run (``None``: not run / failed) and write the summary files to ``out``.
     A comparison gets one table per figure (image AUROC, pixel AUROC, ...) with a column per model."""
@@ -154,6 +177,12 @@ def write_summary(out: Path, family: str, runs: Mapping[str, Path | None], title
                                              "sources": sources})
     text = f"**{title}**\n\n" + "\n".join(
         (f"{name}:\n\n" if family == "compare" else "") + markdown(t) for name, t in tables.items())
+    protocols = {json.loads((Path(r) / "metrics.json").read_text()).get("protocol", "manifest")
+                 for r in runs.values() if r is not None and (Path(r) / "metrics.json").is_file()}
+    if family == "anomaly":
+        text += f"\nprotocol: {', '.join(sorted(protocols)) or '-'}\n"
+        if protocols == {"paper"}:
+            text += "\n" + published_table(list(runs))
     atomic_write_text(out / "summary.md", text)
     plot(tables, out / "summary.png", title)
     return summary

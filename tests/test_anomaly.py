@@ -322,3 +322,30 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_history(synthetic_ro
         assert torch.allclose(v.float(), resumed["weights"]["model"][k].float(), atol=1e-6), k
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in full["history"]]
     assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]]
+
+
+@pytest.mark.slow
+def test_the_paper_protocol_selects_without_real_defects_and_scores_the_whole_test_split(synthetic_root, tmp_path):
+    from defectkit.anomaly import train as T
+    from defectkit.anomaly.config import RunConfig
+    from defectkit.anomaly.data import load_category
+    from defectkit.core.errors import ConfigError
+    from defectkit.datasets.split import entries, resolve_manifest
+
+    m, run = _run(synthetic_root, tmp_path, "--model", "fc_ae", "--category", "washer", "--epochs", "2",
+                  "--no-plots", "--patience", "99", "--protocol", "paper")
+    _, manifest = resolve_manifest(synthetic_root, tmp_path / "manifest.json", 0, "washer")
+    official = entries(manifest, category="washer", source_split="test")
+    assert m["protocol"] == "paper" and m["test_images"] == len(official)
+    assert {e.fold for e in official} == {"train", "val", "test"}  # more than the manifest's test fold
+    assert m["thresholds"]["source"].startswith("CutPaste")  # no real defect chose them either
+    assert read_records(run / "predictions.jsonl")[0]["protocol"] == "paper"
+    args = T.get_args_parser().parse_args(["--data", str(synthetic_root), "--manifest", str(tmp_path / "manifest.json"),
+                                           "--category", "washer", "--protocol", "paper", *TINY])
+    data = load_category(RunConfig.from_args(args))
+    assert data.val_e == [] and len(data.test_e) == len(official)
+    with pytest.raises(ConfigError, match="drop --val-fold"):
+        RunConfig.from_args(T.get_args_parser().parse_args(["--protocol", "paper", "--val-fold"]))
+    manifest_run, _ = _run(synthetic_root, tmp_path / "m", "--model", "fc_ae", "--category", "washer", "--epochs",
+                           "1", "--no-plots")
+    assert manifest_run["protocol"] == "manifest" and manifest_run["test_images"] < len(official)

@@ -107,3 +107,22 @@ def test_make_category_all_with_jobs_prints_one_command_per_category(tmp_path):
     assert len(lines) == 2 and "CATEGORY=washer" in lines[0] and "CATEGORY=weave" in lines[1]
     assert lines[0].endswith("defectkit_synth-washer-yolov8n-worldv2/metrics.json")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_paper_protocol_summary_says_so_and_puts_the_published_figures_beside_ours(tmp_path):
+    from defectkit.review.summary import write_summary
+
+    runs = {}
+    for cat, protocol in (("bottle", "paper"), ("screw", "paper")):
+        runs[cat] = tmp_path / cat
+        runs[cat].mkdir()
+        (runs[cat] / "metrics.json").write_text(json.dumps({"protocol": protocol, "image": {"auroc": 0.9}}))
+    write_summary(tmp_path / "paper", "anomaly", runs)
+    text = (tmp_path / "paper" / "summary.md").read_text()
+    assert "protocol: paper" in text
+    assert "| DRAEM | bottle | 99.2 | 99.1 | - | 86.5 |" in text  # Zavrtanik et al. 2021, Table 1-2
+    assert "| DRAEM | screw | - | - | - | - |" in text  # no figure typed in: never invented
+    (runs["screw"] / "metrics.json").write_text(json.dumps({"protocol": "manifest", "image": {"auroc": 0.9}}))
+    write_summary(tmp_path / "mixed", "anomaly", runs)
+    mixed = (tmp_path / "mixed" / "summary.md").read_text()
+    assert "protocol: manifest, paper" in mixed and "Published" not in mixed  # not comparable: no reference
