@@ -62,7 +62,7 @@ COMPARE_DIR := $(WORK)/compare/$(DATA_NAME)-$(CATEGORY)
 APP_NAME := defectkit-$(DATA_NAME)-$(CATEGORY)
 RUNS ?= $(YOLO_RUN) $(ANOMALY_RUN) $(SAM_RUN)
 
-.PHONY: help setup demo test test-fast lint generate validate stats split synth-defects convert bench-convert finetune-yolo \
+.PHONY: help setup demo test test-fast lint docs generate validate stats split synth-defects convert bench-convert finetune-yolo \
 	anomaly benchmark-paper bench-anomaly finetune-sam bench-sam compare app harvest clean predict export bench-predict
 
 help:
@@ -70,6 +70,7 @@ help:
 	@echo "make demo       the main job on the embedded default data (or DATA=... CATEGORY=...)"
 	@echo "make test       the whole test suite (what CI runs)"
 	@echo "make test-fast  the tests without the slow ones"
+	@echo "make docs       build the documentation (docs/, MkDocs, strict) into work/site"
 	@echo "make generate   write the embedded synthetic MVTec-layout dataset"
 	@echo "make validate   index DATA/CATEGORY and report layout problems"
 	@echo "make stats      dataset statistics: table, JSON and plots"
@@ -108,15 +109,28 @@ $(STAMP): requirements.lock pyproject.toml
 # Each stage prints one start line and one end line (elapsed time, headline figure); in a log, progress
 # bars become periodic single lines (review/stage.py).  Nothing is filtered: a failing stage fails the demo.
 STAGE = $(PY) -m defectkit.review.stage
+# Stages 3 and 4 do not depend on each other: with SIDE_BY_SIDE=1 (default) they run at once, one core each
+# (every output line tagged [anomaly] / [yolo]), and the demo waits for both; SIDE_BY_SIDE=0 runs them in turn
+SIDE_BY_SIDE ?= 1
+STAGE_3 = $(STAGE) --step 3/7 --name "anomaly model ($(MODEL)), good images only" --headline anomaly:$(ANOMALY_RUN)
+STAGE_4 = $(STAGE) --step 4/7 --name "YOLO ($(YOLO_MODEL)) on the converted labels" --headline yolo:$(YOLO_RUN)/metrics.json
+ifeq ($(SIDE_BY_SIDE),1)
+STAGE_34 = $(STAGE_3) --prefix "[anomaly] " -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done ANOMALY_THREADS=1 & a=$$!; \
+	$(STAGE_4) --prefix "[yolo] " -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json YOLO_THREADS=1 & y=$$!; \
+	ra=0; ry=0; wait $$a || ra=$$?; wait $$y || ry=$$?; test $$ra = 0 && test $$ry = 0
+else
+STAGE_34 = $(STAGE_3) -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done && \
+	$(STAGE_4) -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json
+endif
+# CPU threads of a training stage (default: every core); the demo gives one each to stages run side by side
+ANOMALY_THREADS ?=
+YOLO_THREADS ?=
 demo: setup
 	@$(STAGE) --step 1/7 --name "data: index, validate, statistics, split" --headline manifest:$(MANIFEST) -- \
 		$(PY) -m defectkit.datasets demo $(DATA_ARGS) -q
 	@$(STAGE) --step 2/7 --name "convert masks to labels" --headline fidelity:$(CONVERTED) -- \
 		$(MAKE) --no-print-directory $(CONVERTED)
-	@$(STAGE) --step 3/7 --name "anomaly model ($(MODEL)), good images only" --headline anomaly:$(ANOMALY_RUN) -- \
-		$(MAKE) --no-print-directory $(ANOMALY_RUN)/.done
-	@$(STAGE) --step 4/7 --name "YOLO ($(YOLO_MODEL)) on the converted labels" --headline yolo:$(YOLO_RUN)/metrics.json -- \
-		$(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json
+	@$(STAGE_34)
 	@$(STAGE) --step 5/7 --name "SAM ($(SAM_MODEL)) mask decoder, the YOLO->SAM and $(MODEL)->SAM cascades" \
 		--headline sam:$(SAM_RUN)/metrics.json -- $(MAKE) --no-print-directory $(SAM_RUN)/metrics.json
 	@$(STAGE) --step 6/7 --name "comparison on the test fold" --headline compare:$(COMPARE_DIR)/comparison.json -- \
@@ -136,12 +150,13 @@ $(CONVERTED): $(MANIFEST)
 	$(PY) -m defectkit.converters $(CONVERT_ARGS) -q
 
 $(ANOMALY_RUN)/.done: $(MANIFEST)
-	$(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(MANIFEST) \
+	$(if $(ANOMALY_THREADS),OMP_NUM_THREADS=$(ANOMALY_THREADS)) $(PY) anomaly/train.py $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --manifest $(MANIFEST) \
 		--model $(MODEL) $(ANOMALY_ARGS) --out $(ANOMALY_RUN)
 	touch $@  # only after train.py succeeded; its own outputs are written atomically
 
 $(YOLO_RUN)/metrics.json: $(CONVERTED)
-	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) --out $(YOLO_RUN)
+	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) \
+		$(if $(YOLO_THREADS),--threads $(YOLO_THREADS)) --out $(YOLO_RUN)
 
 $(SAM_RUN)/metrics.json: $(CONVERTED) $(YOLO_RUN)/metrics.json $(ANOMALY_RUN)/.done
 	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) \
@@ -233,7 +248,8 @@ ifeq ($(CATEGORY),all)
 	$(SWEEP) --family yolo --run '$(call RUN_OF,yolo,$(YOLO_MODEL))' --out $(SUMMARY_DIR)/yolo-$(YOLO_MODEL) \
 		--cmd '$(SUB_MAKE) $(call RUN_OF,yolo,$(YOLO_MODEL))/metrics.json'
 else
-	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) --out $(YOLO_RUN)
+	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) \
+		$(if $(YOLO_THREADS),--threads $(YOLO_THREADS)) --out $(YOLO_RUN)
 endif
 
 # with CATEGORY=all, each category's SAM run uses its YOLO and anomaly runs for the cascades when they exist
@@ -282,5 +298,12 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# the documentation under docs/, built strictly (a broken link or anchor fails) into $(WORK)/site
+docs: setup
+	$(VENV)/bin/mkdocs build --strict -d $(abspath $(WORK))/site
+	@echo "docs: $(abspath $(WORK))/site/index.html"
+
+# keeps $(WORK)/weights: the pretrained files you copied there are not ours to delete
 clean:
-	rm -rf $(WORK) .pytest_cache .ruff_cache
+	if [ -d $(WORK) ]; then find $(WORK) -mindepth 1 -maxdepth 1 ! -name weights -exec rm -rf {} +; fi
+	rm -rf .pytest_cache .ruff_cache

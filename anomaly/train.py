@@ -51,16 +51,15 @@ from defectkit.anomaly.evaluate import (
     write_scores,
 )
 from defectkit.anomaly.trainer import build_scorer
-from defectkit.core.atomic import atomic_write_json
 from defectkit.core.cli import HelpFormatter, run_cli
-from defectkit.core.config import write_run_config
+from defectkit.core.config import apply_defaults, recipe, write_run_config
 from defectkit.core.distributed import Dist, process_group
 from defectkit.core.errors import ConfigError
-from defectkit.core.paths import WORK
+from defectkit.core.paths import WORK, claim_run_dir
 from defectkit.core.training import resolve_device, write_run_args
 from defectkit.datasets.split import resolve_manifest
 from defectkit.review.metrics import THRESHOLDS
-from defectkit.review.summary import write_summary
+from defectkit.review.summary import finish_run, write_summary
 
 log = logging.getLogger("defectkit.anomaly")
 
@@ -88,7 +87,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps-per-epoch", type=int, default=25,
                    help="optimizer steps per epoch, sampling train images with replacement (small sets)")
-    p.add_argument("--augment", action="store_true", help="random flips of training images (rotation-invariant parts)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="random flips of training images (rotation-invariant parts)")
     p.add_argument("--train-crop", type=int, default=0, metavar="N",
                    help="train on random NxN crops of the --imgsz input, score whole images (fully convolutional "
                         f"models: {', '.join(CROP_MODELS)}): detail of --imgsz at the step cost of N; 0: whole images")
@@ -128,8 +128,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue <out>/last.pt")
+    p.add_argument("--exist-ok", action="store_true", help="train over a finished run in --out (default: refused)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
+    # the recommended offline recipe is the default: `python anomaly/train.py` with no flag runs it (--help shows it)
+    apply_defaults(p, recipe("demo/anomaly"), "configs/demo/anomaly.yaml")
     return p
 
 
@@ -155,8 +158,7 @@ def run_category(cfg: RunConfig, dist=None, flags: argparse.Namespace | None = N
     torch.manual_seed(cfg.train.seed)
     device = dist.device
     data = load_category(cfg)
-    run = run_folder(cfg, data.root)
-    run.mkdir(parents=True, exist_ok=True)
+    run = claim_run_dir(run_folder(cfg, data.root), cfg.train.resume, bool(getattr(flags, "exist_ok", False)))
     if dist.is_main:
         write_run_args(run, cfg)
         if flags is not None:  # the flags of this category's run: --config <run>/config.yaml reruns it
@@ -191,7 +193,7 @@ def run_category(cfg: RunConfig, dist=None, flags: argparse.Namespace | None = N
         write_run_plots(run, cfg, model, data, test_maps, masks, scores, device, pixel_level)
     if hasattr(scorer, "head"):  # the map head predict and export run (feature models have none)
         write_spec(run, cfg, scorer.head, thr)
-    atomic_write_json(run / "metrics.json", metrics)
+    metrics = finish_run(run, "anomaly", metrics)
     print_metrics(metrics, run)
     return metrics
 

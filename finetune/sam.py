@@ -39,10 +39,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from defectkit.core.atomic import atomic_write_json
 from defectkit.core.cli import HelpFormatter, run_cli
+from defectkit.core.config import apply_defaults, recipe
 from defectkit.core.distributed import process_group
-from defectkit.core.paths import WORK
+from defectkit.core.paths import WORK, claim_run_dir
 from defectkit.core.training import resolve_device, write_run_args
 from defectkit.finetune.sam_cascade import CascadeConfig, cascade, resolve_cascade_conf
 from defectkit.finetune.sam_core import MODEL_NAMES, EmbeddingCache, load_sam
@@ -50,6 +50,7 @@ from defectkit.finetune.sam_data import default_data, load_sam_data
 from defectkit.finetune.sam_deploy import write_spec
 from defectkit.finetune.sam_eval import box_as_mask, instance_scores, predict, score_fine_tuned
 from defectkit.finetune.sam_train import SamTrainConfig, fit, synthetic_stage
+from defectkit.review.summary import finish_run
 
 log = logging.getLogger("defectkit.finetune.sam")
 
@@ -69,13 +70,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--jitter", type=float, default=0.1, help="box jitter, fraction of the box side")
     p.add_argument("--points", type=int, default=0, help="positive points per prompt, sampled inside the region")
+    p.add_argument("--box-prior", type=float, default=0.0, metavar="S",
+                   help="the decoder's logits are a residual on S inside the prompt box and -S outside it: an "
+                        "untrained decoder draws the box, training learns where the defect departs from it; "
+                        "0: SAM's own decoder")
     p.add_argument("--crop", type=float, default=0.0,
                    help="segment each box on its own square crop, CROP times the box's longer side, resized to the "
                         "encoder's input (small defects at many times the resolution; one encoder pass per box); "
                         "0: the whole image, SAM's own way")
     p.add_argument("--augment", type=int, default=0, help="augmented copies of each training image")
     p.add_argument("--train-prompt-encoder", action="store_true")
-    p.add_argument("--train-encoder", action="store_true",
+    p.add_argument("--train-encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="train the image encoder too (MedSAM-style full fine-tuning; from scratch for the tiny "
                         "model); embeddings are then computed live, the cache serves frozen encoders only")
     p.add_argument("--patience", type=int, default=10)
@@ -99,7 +104,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run folder (default work/runs/sam/<data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue <out>/last.pt")
+    p.add_argument("--exist-ok", action="store_true", help="train over a finished run in --out (default: refused)")
     p.add_argument("-q", "--quiet", action="store_true")
+    # the recommended offline recipe is the default: `python finetune/sam.py` with no flag runs it (--help shows it)
+    apply_defaults(p, recipe("demo/sam"), "configs/demo/sam.yaml")
     return p
 
 
@@ -117,11 +125,12 @@ def _main(args: argparse.Namespace, dist) -> dict:
     device = dist.device
     conv = args.data or default_data()
     d = load_sam_data(conv, args.category, args.augment, cfg.seed)
-    run = (args.out or WORK / "runs" / "sam" / f"{conv.name}-{cfg.model}").resolve()
-    run.mkdir(parents=True, exist_ok=True)
+    run = claim_run_dir((args.out or WORK / "runs" / "sam" / f"{conv.name}-{cfg.model}").resolve(), cfg.resume,
+                        args.exist_ok)
     if dist.is_main:
         write_run_args(run, args)
     sam, key = load_sam(cfg.model, args.checkpoint, args.imgsz, cfg.seed)
+    sam.box_prior = args.box_prior  # read by sam_core.decode: the decoder learns a residual on its prompt box
     sam.to(device)
     cache = EmbeddingCache(sam, args.cache, key, device)
     test_inst = [it for it in d.test if len(it.boxes)]
@@ -187,7 +196,7 @@ def _main(args: argparse.Namespace, dist) -> dict:
         )
     write_spec(run, args, key, Path(args.yolo_predictions).resolve().parent if args.yolo_predictions else None,
                conf)  # what predict on new images uses
-    atomic_write_json(run / "metrics.json", metrics)
+    metrics = finish_run(run, "sam", metrics)
     _print(metrics, run)
     return metrics
 

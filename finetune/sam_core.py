@@ -209,13 +209,35 @@ def decode(
         pts = (coords, torch.ones(coords.shape[:2], dtype=torch.int, device=dev))
     with torch.set_grad_enabled(train_prompt and torch.is_grad_enabled()):
         sparse, dense = sam.prompt_encoder(points=pts, boxes=box_t, masks=None)
-    return sam.mask_decoder(
+    logits, iou = sam.mask_decoder(
         image_embeddings=emb,
         image_pe=sam.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
         multimask_output=False,
     )
+    strength = float(getattr(sam, "box_prior", 0.0))
+    if strength:
+        logits = logits + strength * (2 * box_occupancy(box_t, sam.image_encoder.img_size, logits.shape[-1]) - 1)
+    return logits, iou
+
+
+def box_occupancy(boxes_xyxy: torch.Tensor, size: int, low: int) -> torch.Tensor:
+    """``(N, 1, low, low)``: the fraction of each low-resolution mask cell that lies inside each box (boxes in
+    the encoder's ``size`` x ``size`` input frame): the box-as-mask answer on the decoder's grid.
+
+    With ``sam.box_prior = S`` the decoder's logits are a residual on ``S * (2 * occupancy - 1)``: before
+    training the mask *is* the prompt box, and training learns where a defect departs from its box (round
+    blowholes, thin cracks). A decoder trained from scratch otherwise has to learn the box itself first,
+    and on real parts it stayed below the box it was given."""
+    edges = torch.arange(low + 1, dtype=boxes_xyxy.dtype, device=boxes_xyxy.device) * (size / low)
+    lo, hi = edges[:-1], edges[1:]
+
+    def overlap(a, b):  # (N, low): the part of each cell [lo, hi) inside [a, b), as a fraction of the cell
+        return ((torch.minimum(hi, b[:, None]) - torch.maximum(lo, a[:, None])).clamp(min=0) / (size / low))
+
+    ox, oy = overlap(boxes_xyxy[:, 0], boxes_xyxy[:, 2]), overlap(boxes_xyxy[:, 1], boxes_xyxy[:, 3])
+    return (oy[:, :, None] * ox[:, None, :])[:, None]
 
 
 def low_res_targets(masks: np.ndarray, hw: tuple[int, int], cache: EmbeddingCache, low: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ as separate ONNX files, each checked against PyTorch on real images.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -27,8 +28,10 @@ def write_spec(run: Path, args, key: str, yolo_run: Path | None, conf: float) ->
     return write_deploy_spec(
         run, "sam_cascade" if yolo_run else "sam", weights="best.pt", base=key,
         sam={"model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-             "imgsz": args.imgsz, "seed": args.seed, "crop": args.crop},
-        yolo_run=str(yolo_run) if yolo_run else None, cascade_conf=conf,
+             "imgsz": args.imgsz, "seed": args.seed, "crop": args.crop, "box_prior": args.box_prior},
+        # relative to this run, so the two run folders can move together
+        yolo_run=os.path.relpath(Path(yolo_run).resolve(), Path(run).resolve()) if yolo_run else None,
+        cascade_conf=conf,
         score="image score and decision: the YOLO run's (highest box confidence)")
 
 
@@ -48,6 +51,7 @@ def load_sam_run(run: Path, spec: dict, device: str = "cpu"):
 
     s = spec["sam"]
     sam, key = load_sam(s["model"], Path(s["checkpoint"]) if s["checkpoint"] else None, s["imgsz"], s["seed"])
+    sam.box_prior = s.get("box_prior", 0.0)  # the residual the decoder was trained on (sam_core.box_occupancy)
     weights = Path(run) / spec["weights"]
     if not weights.is_file():
         raise MissingFileError(f"{weights} not found: the run has no trained decoder")
@@ -67,7 +71,7 @@ def predict_images(run: Path, images: list[tuple[str, np.ndarray]], backend: str
     if backend != "torch":
         raise ConfigError("the cascade predicts through PyTorch; --backend onnx is for anomaly and YOLO runs "
                           "(the exported SAM files are for a runtime of your own)")
-    info, preds = yolo_deploy.predict_images(Path(spec["yolo_run"]), images, backend)
+    info, preds = yolo_deploy.predict_images((Path(run) / spec["yolo_run"]).resolve(), images, backend)
     sam, cache = load_sam_run(run, spec)
     conf = spec["cascade_conf"]
     from defectkit.converters.instances import encode_rle
@@ -147,7 +151,9 @@ def export_onnx(run: Path, images: list[np.ndarray]) -> dict:
     atomic_write_json(out / "model.json", {**spec, "onnx": {
         "image_encoder": "image_encoder.onnx: (N, 3, S, S) preprocessed (resize longest side to S, pixel mean/std "
                          "of SAM, pad) -> embeddings",
-        "decoder": "sam_decoder.onnx: segment-anything SamOnnxModel inputs (a box = 2 points, labels 2 and 3)",
+        "decoder": "sam_decoder.onnx: segment-anything SamOnnxModel inputs (a box = 2 points, labels 2 and 3); "
+                   "with sam.box_prior S, add S * (2 * occupancy - 1) of the box to its low-resolution logits "
+                   "(defectkit.finetune.sam_core.box_occupancy) before upsampling",
         "prompts": "sam.crop > 0: each box is segmented on its own square window, crop x the box's longer side "
                    "(at least 24 px, shifted inside the image; defectkit.finetune.sam_core.prompt_window), which "
                    "is encoded and decoded as an image of its own and pasted back; 0: the whole image",

@@ -39,8 +39,9 @@ from pathlib import Path
 
 from defectkit.core.atomic import atomic_write_json
 from defectkit.core.cli import HelpFormatter, run_cli
+from defectkit.core.config import apply_defaults, recipe
 from defectkit.core.errors import MissingFileError
-from defectkit.core.paths import WORK
+from defectkit.core.paths import WORK, claim_run_dir
 from defectkit.core.training import mark_stage_done, stage_done, write_run_args
 from defectkit.finetune.synthetic_pretrain import prepare
 from defectkit.finetune.text_embeddings import PROVIDERS
@@ -63,6 +64,7 @@ from defectkit.finetune.yolo_core import (
 from defectkit.finetune.yolo_deploy import write_spec
 from defectkit.finetune.yolo_eval import evaluate
 from defectkit.review.metrics import THRESHOLDS
+from defectkit.review.summary import finish_run
 
 log = logging.getLogger("defectkit.finetune.yolo")
 
@@ -78,7 +80,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--weights-dir", type=Path, default=WORK / "weights", help="where pretrained .pt files are looked up"
     )
-    p.add_argument("--from-scratch", action="store_true", help="build the model from its yaml; no pretrained weights")
+    p.add_argument("--from-scratch", action=argparse.BooleanOptionalAction, default=False,
+                   help="build the model from its yaml; no pretrained weights (--weights PATH overrides it)")
     p.add_argument(
         "--text-embeddings",
         choices=PROVIDERS,
@@ -134,6 +137,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--project", type=Path, default=None, help="Ultralytics-style: the run folder is PROJECT/NAME")
     p.add_argument("--name", default=None, help="Ultralytics-style run name (default <data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue <out>/weights/last.pt")
+    p.add_argument("--exist-ok", action="store_true", help="train over a finished run in --out (default: refused)")
     p.add_argument("--conf", type=float, default=0.001, help="confidence floor of the test predictions")
     p.add_argument("--threshold", choices=THRESHOLDS, default="f1",
                    help="how the image threshold (on the highest box confidence) is chosen on the val fold")
@@ -148,6 +152,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch output from Ultralytics")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                    help="Ultralytics training arguments passed through as they are, e.g. mosaic=0.5 hsv_v=0.2")
+    # the recommended offline recipe is the default: `python finetune/yolo.py` with no flag runs it (--help shows it)
+    apply_defaults(p, recipe("demo/yolo"), "configs/demo/yolo.yaml")
     return p
 
 
@@ -163,8 +169,8 @@ def main(args: argparse.Namespace) -> dict:
     prompts = class_prompts(names, conv, args.prompt_template)
     if args.make_text_embeddings:
         return write_text_embeddings(names, prompts, cfg.clip_model, args.make_text_embeddings)
-    run_dir = run_dir_for(args.out, args.project, args.name, conv, cfg.model)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_run_dir(run_dir_for(args.out, args.project, args.name, conv, cfg.model), cfg.resume,
+                            args.exist_ok)
     source = resolve_weights(cfg, spec)
     info: dict = {
         "names": names,
@@ -209,7 +215,7 @@ def main(args: argparse.Namespace) -> dict:
                 + ": not a pretrained model's result"
             )
         )
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    metrics = finish_run(run_dir, "yolo", metrics)
     _print_summary(metrics, run_dir)
     return metrics
 

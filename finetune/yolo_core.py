@@ -79,6 +79,8 @@ class YoloConfig:
         cfg = dataclasses.replace(cfg, overrides=tuple(cfg.overrides))
         if getattr(args, "max_false_alarm", None) is not None:  # the operating point, as the anomaly models'
             cfg = dataclasses.replace(cfg, threshold="false_alarm", false_alarm_rate=args.max_false_alarm)
+        if cfg.weights is not None:  # a start point given: the offline recipe's from-scratch default yields to it
+            cfg = dataclasses.replace(cfg, from_scratch=False)
         return cfg
 
 

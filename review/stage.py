@@ -180,15 +180,15 @@ def headline(spec: str | None) -> str:
 # ---------------------------------------------------------------- running a stage
 
 
-def _pump(src, dst, tty: bool, every: float) -> None:
-    if tty:
+def _pump(src, dst, tty: bool, every: float, prefix: str = "") -> None:
+    if tty and not prefix:
         for chunk in iter(lambda: src.read1(4096), b""):
             dst.buffer.write(chunk)
             dst.flush()
         return
 
     def write(s: str) -> None:
-        dst.write(s)
+        dst.write(prefix + s)
         dst.flush()
 
     san = LogSanitizer(write, every=every)
@@ -197,7 +197,10 @@ def _pump(src, dst, tty: bool, every: float) -> None:
     san.close()
 
 
-def run_stage(cmd: list[str], step: str, name: str, headline_spec: str | None = None, every: float = 30.0) -> int:
+def run_stage(cmd: list[str], step: str, name: str, headline_spec: str | None = None, every: float = 30.0,
+              prefix: str = "") -> int:
+    """Run ``cmd`` as stage ``step``; with ``prefix`` every line of its output starts with it (two stages running
+    side by side stay readable: their bars become whole lines, never redraws that overwrite each other)."""
     print(f"== [{step}] {name}: started", flush=True)
     t0 = time.perf_counter()
     try:
@@ -205,7 +208,7 @@ def run_stage(cmd: list[str], step: str, name: str, headline_spec: str | None = 
     except OSError as e:
         print(f"== [{step}] {name}: FAILED to start: {e}", flush=True)
         return 127
-    pumps = [threading.Thread(target=_pump, args=(src, dst, dst.isatty(), every), daemon=True)
+    pumps = [threading.Thread(target=_pump, args=(src, dst, dst.isatty(), every, prefix), daemon=True)
              for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
     for t in pumps:
         t.start()
@@ -237,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--headline", help=f"KIND:PATH, KIND one of {', '.join(HEADLINES)}")
     p.add_argument("--every", type=float, default=30.0, help="seconds between progress lines in a log")
+    p.add_argument("--prefix", default="", help="start every output line with this (stages run side by side)")
     args = p.parse_args(argv[:i])
     if not argv[i + 1:]:
         p.error("no command after --")
-    return run_stage(argv[i + 1:], args.step, args.name, args.headline, args.every)
+    return run_stage(argv[i + 1:], args.step, args.name, args.headline, args.every, args.prefix)
 
 
 if __name__ == "__main__":

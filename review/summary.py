@@ -186,3 +186,41 @@ def write_summary(out: Path, family: str, runs: Mapping[str, Path | None], title
     atomic_write_text(out / "summary.md", text)
     plot(tables, out / "summary.png", title)
     return summary
+
+
+def finish_run(run: Path, family: str, metrics: dict) -> dict:
+    """Write a trained run's ``metrics.json`` and ``results.md`` (what a person reads first).
+
+    Adds the keys every family shares (``family``, ``protocol``, and for detectors the ``image`` block the
+    anomaly models have: ``auroc`` and ``at_threshold``), keeping each family's own keys unchanged."""
+    metrics = {"family": family, "protocol": metrics.get("protocol", "manifest"), **metrics}
+    if "image" not in metrics and "image_auroc" in metrics:
+        metrics["image"] = {"auroc": metrics["image_auroc"], "at_threshold": metrics.get("at_threshold")}
+    atomic_write_json(run / "metrics.json", metrics)
+    atomic_write_text(run / "results.md", results_markdown(family, metrics))
+    return metrics
+
+
+def results_markdown(family: str, metrics: Mapping) -> str:
+    """A run's headline figures as a short page: what ran, on what, under which protocol, and where the rest is."""
+    what = metrics.get("category") or Path(str(metrics.get("data", ""))).name
+    n = metrics.get("test_images", metrics.get("test_instances"))
+    scored = ("the whole official test split" if metrics.get("protocol") == "paper" else "the manifest's test fold")
+    lines = [f"# {metrics.get('model')} ({family}) on {what}", "",
+             f"- data: `{metrics.get('data')}`",
+             f"- scored on {scored}" + (f" ({n} {'images' if 'test_images' in metrics else 'instances'})" if n else ""),
+             f"- protocol: {metrics.get('protocol')}"]
+    if metrics.get("train_seconds") is not None:
+        lines.append(f"- training time: {metrics['train_seconds']:.0f} s")
+    if metrics.get("note"):
+        lines.append(f"- note: {metrics['note']}")
+    op = (metrics.get("image") or {}).get("at_threshold")
+    if op and op.get("false_alarm_rate") is not None:
+        lines.append(f"- at the threshold chosen on validation: false alarms {op['false_alarm_rate']:.3f}, "
+                     f"misses {op.get('miss_rate', float('nan')):.3f}")
+    values = {k: v for k, v in family_values(family, metrics).items() if k != "train s" and v is not None}
+    if values:
+        lines += ["", "| figure | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in values.items()]
+    lines += ["", "Files: `metrics.json` (every figure), `config.yaml` (`--config` reproduces the run), "
+              "`predictions.jsonl` (canonical predictions), `deploy.json` (what predict and export read)."]
+    return "\n".join(lines) + "\n"

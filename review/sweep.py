@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -67,7 +68,9 @@ def sweep(family: str, todo: list[tuple[str, Path, str]], out: Path, force: bool
             continue
         print(f"[{i}/{len(todo)}] {cat}: {cmd}", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd]).returncode
+        # --force: the trainers' own refusal to train over a finished run is lifted too (core.paths.claim_run_dir)
+        env = {**os.environ, "DEFECTKIT_EXIST_OK": "1"} if force else None
+        rc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], env=env).returncode
         took = time.perf_counter() - t0
         if rc == 0 and (run / METRICS_FILE[family]).is_file():
             print(f"[{i}/{len(todo)}] {cat}: done in {took:.0f} s", flush=True)

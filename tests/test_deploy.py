@@ -67,7 +67,8 @@ def _train(root: Path, out: Path, *extra: str) -> Path:
 
     T.main(T.get_args_parser().parse_args([
         "--data", str(root), "--manifest", str(out.parent / "manifest.json"), "--out", str(out), "--category", "washer",
-        "--batch", "8", "--no-plots", "--patience", "99", "--device", "cpu", "-q", *extra]))
+        "--batch", "8", "--lr", "2e-3", "--no-augment", "--no-plots", "--patience", "99", "--device", "cpu", "-q",
+        *extra]))
     return out
 
 

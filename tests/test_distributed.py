@@ -77,7 +77,7 @@ def test_sam_encoder_and_decoder_two_processes_match_one_with_the_same_global_ba
     conv = tmp_path / "washer-defect"
     convert(synthetic_root, build_manifest([index_category(synthetic_root, "washer")]), conv,
             ConvertConfig(formats=("coco",)), progress=False)
-    common = ["finetune/sam.py", "--data", conv, "--model", "tiny", "--tiny-size", "64", "--lr", "1e-3",
+    common = ["finetune/sam.py", "--data", conv, "--model", "tiny", "--tiny-size", "64", "--lr", "1e-3", "--crop", "0",
               "--epochs", "2", "--train-encoder", "--patience", "99", "--device", "cpu", "-q"]
     _launch([sys.executable, *common, "--batch", "4", "--cache", tmp_path / "c1", "--out", tmp_path / "one"], tmp_path)
     _launch([*TORCHRUN, *common, "--batch", "2", "--cache", tmp_path / "c2", "--out", tmp_path / "two"], tmp_path)

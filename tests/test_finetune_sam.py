@@ -86,6 +86,33 @@ def test_box_as_mask_fills_each_half_open_box():
     assert m.shape == (1, 5, 6) and m.sum() == 3 and m[0, 2, 1:4].all() and conf.tolist() == [1.0]
 
 
+def test_box_occupancy_by_hand():
+    # an 8 px input on a 4x4 grid: cells of 2 px; the box x in [1, 4), y in [0, 2)
+    occ = C.box_occupancy(torch.tensor([[1.0, 0.0, 4.0, 2.0]]), 8, 4)
+    assert occ.shape == (1, 1, 4, 4)
+    assert occ[0, 0, 0].tolist() == [0.5, 1.0, 0.0, 0.0]  # half of cell 0 (x 1-2), all of cell 1 (x 2-4)
+    assert occ[0, 0, 1:].sum() == 0
+
+
+def test_with_a_box_prior_an_untrained_decoder_draws_its_prompt_box(tmp_path):
+    sam, key = C.load_sam("tiny", None, 64)
+    cache = C.EmbeddingCache(sam, tmp_path, key)
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    boxes = np.array([[8, 16, 40, 48]], float)
+    box = np.zeros((64, 64), bool)
+    box[16:48, 8:40] = True
+
+    def iou(prob):
+        m = prob[0] > 0.5
+        return (m & box).sum() / max((m | box).sum(), 1)
+
+    with torch.no_grad():
+        plain = C.segment_boxes(sam, rgb, boxes, cache)
+        sam.box_prior = 8.0
+        prior = C.segment_boxes(sam, rgb, boxes, cache)
+    assert iou(prior) > 0.95 and iou(plain) < 0.8  # training starts from the box-as-mask answer
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="sam_vit_b_01ec64.pth"):
         C.load_sam("vit_b", None)
@@ -118,7 +145,9 @@ def conv(synthetic_root, tmp_path_factory):
 
 
 def _args(conv, tmp_path, *extra):
+    # whole-image prompts and a frozen encoder unless a test says otherwise (not the demo recipe's defaults)
     return S.get_args_parser().parse_args(["--data", str(conv), "--model", "tiny", "--tiny-size", "64", "--lr", "1e-3",
+                                           "--crop", "0", "--no-train-encoder",
                                            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "-q",
                                            "--device", "cpu", *map(str, extra)])
 
@@ -282,7 +311,7 @@ def test_cascade_run_predicts_new_images_and_exports_sam_to_onnx(conv, tmp_path,
     S.main(_args(conv, tmp_path, "--epochs", "1", "--yolo-predictions", yolo, "--crop", "2"))
     run = tmp_path / "run"
     spec = json.loads((run / "deploy.json").read_text())
-    assert spec["kind"] == "sam_cascade" and spec["yolo_run"] == str(yrun) and spec["sam"]["crop"] == 2
+    assert spec["kind"] == "sam_cascade" and spec["yolo_run"] == "../yolo-run" and spec["sam"]["crop"] == 2  # relative
     by_name = {r.image.replace("/", "_"): r for r in test}
     images = tmp_path / "new"
     images.mkdir()
@@ -290,7 +319,7 @@ def test_cascade_run_predicts_new_images_and_exports_sam_to_onnx(conv, tmp_path,
         (images / name).symlink_to(Path(header["data_root"]) / r.image)
 
     def stand_in(yolo_run, imgs, backend):  # the YOLO run's boxes: here the ground truth's, score 0.9
-        assert Path(yolo_run) == yrun
+        assert Path(yolo_run) == yrun.resolve()  # found from the SAM run's own folder
         preds = [Prediction(rel, im.shape[0], im.shape[1], 0.9 if len(by_name[rel]) else 0.0,
                             by_name[rel].boxes_xyxy, list(by_name[rel].labels), [0.9] * len(by_name[rel]))
                  for rel, im in imgs]
@@ -331,14 +360,18 @@ def test_train_encoder_trains_it_end_to_end_and_keeps_it_in_the_checkpoint(conv,
 
 
 @pytest.mark.slow
-def test_trained_on_crops_the_decoder_beats_its_own_prompt_box(conv, tmp_path):
+@pytest.mark.parametrize("box_prior", [0, 4])
+def test_trained_on_crops_the_decoder_beats_its_own_prompt_box(conv, tmp_path, box_prior):
     """A decoder given ground-truth boxes must not score below the box itself used as the mask
     after training on the same images (whole-image prompting, crop 0, stays below it on
-    the demo)."""
-    m = S.main(_args(conv, tmp_path, "--epochs", "14", "--train-encoder", "--crop", "2", "--patience", "99"))
+    the demo); with a box prior it starts from the box and must learn where thin scratches and
+    ring-shaped stains leave it."""
+    m = S.main(_args(conv, tmp_path, "--epochs", "14", "--train-encoder", "--crop", "2", "--patience", "99",
+                     "--box-prior", box_prior))
     assert m["fine_tuned"]["iou"] > m["box_as_mask"]["iou"]
     d = S.load_sam_data(conv, None, 0, 0)
     sam, key = C.load_sam("tiny", None, 64, 0)
+    sam.box_prior = box_prior
     sam_train.load_trained(sam, tmp_path / "run" / "best.pt", key, "cpu")
     train = [it for it in d.train if len(it.boxes)]
     fit = S.instance_scores(train, S.predict(sam, train, C.EmbeddingCache(sam, tmp_path / "c2", key), "cpu", crop=2))
@@ -376,6 +409,6 @@ def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(conv, tmp_pa
     assert header["model"] == "sam-tiny (synthetic pretrain 6)"
     done = (pre / "done.json").stat().st_mtime_ns
     starts.clear()
-    S.main(_args(conv, tmp_path, *args))  # a rerun reloads the finished stage instead of training it again
+    S.main(_args(conv, tmp_path, *args, "--exist-ok"))  # a rerun reloads the finished stage, does not retrain it
     assert [name for name, _ in starts] == ["run"] and (pre / "done.json").stat().st_mtime_ns == done
     assert all(torch.equal(v, pre_best[k]) for k, v in starts[0][1].items())

@@ -152,11 +152,12 @@ def test_segment_model_resumes_after_an_interruption(data_yaml, tmp_path, monkey
 
 
 def test_missing_weights_and_misuse_are_clear_errors(data_yaml, no_clip, tmp_path):
-    r = _run(["--data", data_yaml, "--model", "yolo11n", "--weights-dir", tmp_path / "w", "--epochs", "1"],
-             no_clip, tmp_path)
+    r = _run(["--data", data_yaml, "--model", "yolo11n", "--no-from-scratch", "--weights-dir", tmp_path / "w",
+              "--epochs", "1"], no_clip, tmp_path)
     assert r.returncode == 2
     assert "yolo11n.pt not found in" in r.stderr and "--from-scratch" in r.stderr
-    r = _run(["--data", data_yaml, "--model", "yolov8s-worldv2", "--weights", tmp_path / "nope.pt"], no_clip, tmp_path)
+    r = _run(["--data", data_yaml, "--model", "yolov8s-worldv2", "--no-from-scratch", "--weights",
+              tmp_path / "nope.pt"], no_clip, tmp_path)
     assert r.returncode == 2 and "nope.pt does not exist" in r.stderr
     (tmp_path / "fake.pt").write_bytes(b"x")
     r = _run(["--data", data_yaml, "--model", "yolov8s-worldv2", "--weights", tmp_path / "fake.pt",
@@ -212,7 +213,7 @@ def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(data_yaml, n
     header, _ = read_records(run / "predictions.jsonl")
     assert header["model"] == "yolov8n-worldv2 (synthetic pretrain 8)"
     done_before = (pre / "done.json").stat().st_mtime_ns
-    r = _run(args, env, tmp_path)  # rerun: the pretraining stage is reused, not trained again
+    r = _run([*args, "--exist-ok"], env, tmp_path)  # rerun: the pretraining stage is reused, not trained again
     assert r.returncode == 0, r.stderr[-3000:]
     assert (pre / "done.json").stat().st_mtime_ns == done_before
 
@@ -262,6 +263,7 @@ print(generate_ddp_file(t))
 def test_optimizer_step_settings_reach_ultralytics(tmp_path):
     """--nbs / --warmup-epochs go to Ultralytics' trainer; with an Adam-family optimizer the bias warmup
     lr (Ultralytics' 0.1, an SGD value) is zeroed, with SGD it is left to Ultralytics."""
+    from defectkit.core.cli import parse
     from defectkit.finetune import yolo as Y
     from defectkit.finetune.yolo_core import YoloConfig, train_overrides
 
@@ -274,7 +276,10 @@ def test_optimizer_step_settings_reach_ultralytics(tmp_path):
     assert seen["batch"] == 8 and seen["data"] == str(tmp_path / "data.yaml") and seen["name"] == "run"
     assert seen["pretrained"] is False  # from scratch, from the yaml
     seen = overrides("--optimizer", "SGD")
-    assert seen["nbs"] == 64 and "warmup_bias_lr" not in seen  # Ultralytics' defaults
+    assert seen["nbs"] == 8 and "warmup_bias_lr" not in seen  # the recipe's step per batch; SGD keeps its warmup
+    recipe = str(REPO / "configs" / "pretrained" / "yolo.yaml")
+    pretrained = YoloConfig.from_args(parse(Y.get_args_parser(), ["--config", recipe]))
+    assert train_overrides(pretrained, tmp_path / "d.yaml", tmp_path / "r", "x.pt")["nbs"] == 64  # Ultralytics' own
     assert overrides("--no-augment")["mosaic"] == 0.0 and "mosaic" not in seen
 
 

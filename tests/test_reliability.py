@@ -69,7 +69,8 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error(synthetic_root, tmp
     args = T.get_args_parser().parse_args(["--data", str(synthetic_root), "--manifest", str(tmp_path / "m.json"),
                                            "--out", str(tmp_path / "run"), "--imgsz", "32", "--depth", "2", "--base",
                                            "8", "--batch", "4", "--steps-per-epoch", "2", "--epochs", "2", "-q",
-                                           "--category", "washer", "--device", "cpu", "--lr", "0.5"])
+                                           "--category", "washer", "--device", "cpu", "--lr", "0.5",
+                                           "--model", "conv_ae"])
     with pytest.raises(TrainingError, match="loss became nan at epoch 1, step 1.*--lr, now 0.5"):
         T.main(args)
     assert not (tmp_path / "run" / "metrics.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -97,3 +98,19 @@ def test_stage_lines_and_a_failing_stage_passes_its_exit_status_and_error_on():
 def test_stage_needs_a_command(argv):
     r = subprocess.run([sys.executable, "-m", "defectkit.review.stage", *argv], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_two_stages_side_by_side_keep_their_lines_whole_and_tagged():
+    code = ("import sys, time\nfor k in range(20):\n    sys.stderr.write(f'\\r{TAG} bar {k}/20'); sys.stderr.flush(); "
+            "time.sleep(0.01)\nsys.stderr.write('\\n'); print(f'{TAG} result')")
+    cmd = [sys.executable, "-m", "defectkit.review.stage", "--step", "{n}/2", "--name", "{tag}", "--prefix",
+           "[{tag}] ", "--", sys.executable, "-c"]
+    script = " & ".join(" ".join(shlex.quote(a.format(n=n, tag=t)) for a in cmd) + " "
+                        + shlex.quote(code.replace("{TAG}", t))
+                        for n, t in ((1, "a"), (2, "b"))) + " & wait"
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    lines = (r.stdout + r.stderr).splitlines()
+    body = [x for x in lines if x and not x.startswith("==")]
+    assert {x.split()[0] for x in body} == {"[a]", "[b]"}, body  # every line of each child carries its tag
+    assert all(x.startswith(f"[{x[1]}] {x[1]} ") for x in body), body  # and is one child's line, not a mix of both
+    assert "[a] a bar 19/20" in lines and "[b] b result" in lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,24 @@ def test_a_runs_config_yaml_fed_back_reproduces_its_metrics(synthetic_root, tmp_
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
     assert m2["image"] == m1["image"] and m2["pixel"]["auroc"] == m1["pixel"]["auroc"]
     assert m2["epochs_run"] == m1["epochs_run"] == 2
+
+
+def test_the_work_folder_is_that_of_the_current_directory_unless_moved(tmp_path):
+    code = "from defectkit.core.paths import WORK; print(WORK)"
+    env = {k: v for k, v in os.environ.items() if k != "DEFECTKIT_WORK"}
+    here = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert here.stdout.strip() == str((tmp_path / "work").resolve()), here.stderr  # never inside the package
+    moved = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "DEFECTKIT_WORK": "elsewhere"},
+                           capture_output=True, text=True)
+    assert moved.stdout.strip() == str((tmp_path / "elsewhere").resolve())
+
+
+def test_make_clean_keeps_the_weights_users_put_in_the_work_folder(tmp_path):
+    work = tmp_path / "work"
+    for f in ("weights/sam_vit_b_01ec64.pth", "runs/anomaly/x/metrics.json", "out/a.json"):
+        (work / f).parent.mkdir(parents=True, exist_ok=True)
+        (work / f).write_text("x")
+    r = subprocess.run(["make", "-C", str(REPO), "clean", f"WORK={work}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["weights"]
+    assert (work / "weights" / "sam_vit_b_01ec64.pth").read_text() == "x"
