@@ -25,7 +25,7 @@ from defectkit.core.paths import WORK
 from defectkit.datasets import synthetic
 from defectkit.datasets.mvtec import index_dataset
 from defectkit.datasets.scan import scan_category
-from defectkit.datasets.split import DEFAULT_FRACTIONS, build_manifest, write_manifest
+from defectkit.datasets.split import DEFAULT_FRACTIONS, build_manifest, merge_into
 from defectkit.datasets.stats import compute_stats, format_table, write_stats
 
 log = logging.getLogger("defectkit.datasets")
@@ -105,7 +105,8 @@ def main(args: argparse.Namespace) -> dict:
             print(f"  -> {paths['json']}\n  -> {paths['plot']}\n")
     if args.command in ("split", "demo"):
         manifest = build_manifest(indexes, seed=args.seed, fractions=_fractions(args.fractions))
-        path = write_manifest(manifest, out / "manifest.json")
+        path = out / "manifest.json"
+        manifest = merge_into(path, manifest)  # other categories already split there are kept
         for cat, counts in manifest["counts"].items():
             line = ", ".join(f"{t} {c['train']}/{c['val']}/{c['test']}" for t, c in counts.items())
             print(f"split {cat} (train/val/test of test images): {line}")

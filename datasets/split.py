@@ -194,6 +194,38 @@ def _check_matches(manifest: dict, path: Path, root: str | Path, category: str, 
                         "path (or OUT=...), or delete it to have it rebuilt")
 
 
+def merge_into(path: str | Path, manifest: dict) -> dict:
+    """Write ``manifest`` to ``path``, keeping the other categories of a manifest already there when it was made
+    with the same seed, fractions and data root (a fold depends only on those and the image's own path inside its
+    category, so the result is the manifest the categories would have had together).  Returns what was written."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            old = read_manifest(path)
+        except DataError:
+            old = None
+        if old is not None and all(old.get(k) == manifest.get(k) for k in ("seed", "fractions", "root")):
+            mine = set(manifest["categories"])
+            manifest = {**manifest,
+                        "categories": [c for c in old["categories"] if c not in mine] + list(manifest["categories"]),
+                        "counts": {**{c: n for c, n in old["counts"].items() if c not in mine}, **manifest["counts"]},
+                        "entries": [e for e in old["entries"] if e["category"] not in mine] + manifest["entries"]}
+    write_manifest(manifest, path)
+    return manifest
+
+
+def _add_category(manifest: dict, path: Path, root: str | Path, category: str, seed: int) -> dict:
+    """``manifest`` with ``category`` of ``root`` split in and written back (:func:`merge_into`); unchanged when
+    it was made for another seed or root, which :func:`_check_matches` then reports."""
+    from defectkit.datasets.mvtec import index_dataset
+
+    if manifest.get("seed") != seed or manifest.get("root") not in (None, str(Path(root).resolve())):
+        return manifest
+    add = build_manifest(index_dataset(root, category), seed=seed, fractions=manifest.get("fractions") or
+                         DEFAULT_FRACTIONS)
+    return merge_into(path, {**add, "root": manifest.get("root") or add["root"]})
+
+
 def load_or_build_manifest(root: str | Path, path: str | Path, category: str = "all", seed: int = 0) -> dict:
     """The manifest at ``path``, written first (for ``category`` of ``root``, with ``seed``) when
     it does not exist yet.  The returned dict carries its file in ``"path"``.
@@ -207,6 +239,8 @@ def load_or_build_manifest(root: str | Path, path: str | Path, category: str = "
     path = Path(path)
     if path.is_file():
         manifest = read_manifest(path)
+        if category not in (None, "all") and category not in manifest.get("categories", []):
+            manifest = _add_category(manifest, path, root, category, seed)
         _check_matches(manifest, path, root, category, seed)
     else:
         manifest = build_manifest(index_dataset(root, category), seed=seed)
@@ -231,6 +265,8 @@ def resolve_manifest(data: str | Path | None, manifest: str | Path | None, seed:
     root = Path(data) if data is not None else synthetic.generate(progress=False)
     path = Path(manifest) if manifest is not None else WORK / "out" / root.resolve().name / "manifest.json"
     m = load_or_build_manifest(root, path, "all", seed)
+    if category is not None and category not in m["categories"]:  # a category split later is added to the file
+        m = {**_add_category(m, path, root, category, seed), "path": str(path)}
     if category is not None and category not in m["categories"]:
         raise ConfigError(f"category {category!r} is not in {path} (has {m['categories']})")
     return root, m

@@ -150,3 +150,24 @@ def test_read_manifest_errors_name_the_file(tmp_path):
 def test_fractions_are_checked(synthetic_root):
     with pytest.raises(ValueError, match="keyed by"):
         build_manifest(index_dataset(synthetic_root, "weave"), fractions={"train": 1, "dev": 1})
+
+
+def test_a_category_split_later_joins_the_manifest_as_if_split_together(mvtec_tree, blob_mask, tmp_path):
+    from defectkit.datasets.split import load_or_build_manifest, merge_into
+
+    for cat in ("screw", "bottle"):
+        items = {("train", "good", f"{i}"): None for i in range(3)}
+        items |= {("test", "good", f"{i}"): None for i in range(5)} | {("test", "crack", f"{i}"): blob_mask()
+                                                                          for i in range(5)}
+        root = mvtec_tree(cat, items)
+    together = build_manifest(index_dataset(root, "all"), seed=3)
+    path = tmp_path / "manifest.json"
+    merge_into(path, build_manifest(index_dataset(root, "screw"), seed=3))
+    m = load_or_build_manifest(root, path, "bottle", seed=3)  # asked for a category the file lacks: added
+    assert sorted(m["categories"]) == ["bottle", "screw"]
+    key = sorted  # the same folds for every image as one split of both
+    assert key((e["key"], e["fold"]) for e in m["entries"]) == key((e["key"], e["fold"]) for e in together["entries"])
+    again = merge_into(path, build_manifest(index_dataset(root, "screw"), seed=3))  # a rerun of one category
+    assert sorted(again["categories"]) == ["bottle", "screw"] and len(again["entries"]) == len(m["entries"])
+    merge_into(path, build_manifest(index_dataset(root, "screw"), seed=4))  # another seed replaces the file
+    assert json.loads(path.read_text())["categories"] == ["screw"]
