@@ -129,7 +129,7 @@ class AnomalyRunner:
             if spec.get("kind") != "anomaly":
                 raise DataError(f"{spec_path}: exported from a {spec.get('kind')} run, not this anomaly run: export "
                                 "again (make export RUN=...)")
-            self.session = _ort_session(onnx_path)
+            self.session = ort_session(onnx_path)
             self.spec = spec
         else:
             raise ConfigError(f"unknown backend {backend!r}; choose torch or onnx")
@@ -145,7 +145,7 @@ class AnomalyRunner:
         return maps.cpu().numpy(), scores.double().cpu().numpy()
 
 
-def _ort_session(path: Path):
+def ort_session(path: Path):
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -176,7 +176,7 @@ def export_onnx(run: Path, images: Sequence[np.ndarray], out: Path | None = None
         torch.onnx.export(head, (torch.from_numpy(x[:2]),), str(onnx_tmp), input_names=["images"],
                           output_names=["maps", "scores"], dynamic_shapes=({0: batch},), dynamo=True,
                           opset_version=18, external_data=False, verbose=False)
-        session = _ort_session(onnx_tmp)
+        session = ort_session(onnx_tmp)
         o_maps, o_scores = session.run(["maps", "scores"], {"images": x})
         with torch.no_grad():
             t_maps, t_scores = (t.numpy() for t in head(torch.from_numpy(x)))

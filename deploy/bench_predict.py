@@ -5,7 +5,8 @@ on the same images in the same process: images/s and the ratio onnxruntime / PyT
 
 Timed: the model call on prepared batches (anomaly: the map head, maps and scores; YOLO: Ultralytics'
 predict, letterbox and NMS included), best of ``--repeat`` passes.  The run is exported first if it
-has no ONNX file.  Threads: torch's and onnxruntime's defaults (all cores).
+has no ONNX file; an anomaly run's INT8 graph (``defectkit export --quantize int8``) is timed too when it
+exists.  Threads: torch's and onnxruntime's defaults (all cores).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def bench(run: Path, images: str | None, n: int, repeat: int, batch: int) -> lis
         if not (run / "export" / "model.onnx").is_file():
             export_onnx(run, imgs[:8])
         runners = {b: AnomalyRunner(run, b) for b in ("torch", "onnx")}
+        int8 = run / "export" / "model.int8.onnx"
+        if int8.is_file():  # made (and checked) by `defectkit export --quantize int8`
+            from defectkit.anomaly.deploy import ort_session
+
+            session = ort_session(int8)
+            runners["int8"] = lambda xb: session.run(["maps", "scores"], {"images": xb})
         x = prepare_batch(imgs, runners["torch"].spec)
         size = runners["torch"].spec["preprocess"]["size"]
 
@@ -57,9 +64,10 @@ def bench(run: Path, images: str | None, n: int, repeat: int, batch: int) -> lis
         def call(b):
             return lambda: [list(Y._run(models[b], spec, imgs[i : i + batch])) for i in range(0, len(imgs), batch)]
     rows = []
-    for b in ("torch", "onnx"):
+    names = {"torch": "PyTorch", "onnx": "onnxruntime", "int8": "onnxruntime INT8"}
+    for b in list(runners) if kind == "anomaly" else ["torch", "onnx"]:
         s = _best(call(b), repeat)
-        rows.append({"backend": "PyTorch" if b == "torch" else "onnxruntime", "images": len(imgs),
+        rows.append({"backend": names[b], "images": len(imgs),
                      "input": f"{size[0]}x{size[1]}", "images_per_s": len(imgs) / s})
     for r in rows:
         r["ratio_vs_pytorch"] = r["images_per_s"] / rows[0]["images_per_s"]

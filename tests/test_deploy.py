@@ -258,3 +258,25 @@ print(json.dumps({"n": len(ds), "tags": sorted(ds.distinct("tags")), "views": ds
     assert row["filepath"] == out["tagged"] and row["review_tags"] == "false alarm" and row["decision"] == "NG"
     dom, _ = app_page("dk-predict", tmp_path)
     assert "dk-predict" in dom and dom.count('data-cy="looker"') > 0, "no sample tile on the App page"
+
+
+@pytest.mark.slow
+def test_int8_export_is_checked_on_the_test_fold_and_refused_when_it_moves_the_auroc(ae_run, tmp_path):
+    from defectkit.anomaly.quantize import INT8_FILE, quantize_int8
+
+    run = tmp_path / "run"
+    shutil.copytree(ae_run, run, ignore=shutil.ignore_patterns("plots"))
+    with pytest.raises(DataError, match="INT8 changes the test fold's AUROC by .* nothing written"):
+        quantize_int8(run, n_calib=8, tol=-1.0)  # no change can be within a negative tolerance
+    assert not (run / "export" / INT8_FILE).exists() and "int8" not in json.loads((run / "export" / "model.json")
+                                                                                  .read_text())
+    r = quantize_int8(run, n_calib=8, tol=1.0)
+    n_test = len(read_records(run / "predictions.jsonl")[1])
+    assert r["test_images"] == n_test and r["calibration_images"] == 8
+    assert r["max_auroc_change"] == max(abs(r[k]["int8"] - r[k]["fp32"]) for k in ("image_auroc", "pixel_auroc"))
+    assert 0 < r["max_abs_diff_maps"] < 1  # quantized: close, not identical
+    assert json.loads((run / "export" / "model.json").read_text())["int8"]["file"] == INT8_FILE
+    from defectkit.deploy.bench_predict import bench
+
+    rows = {row["backend"]: row for row in bench(run, None, 8, 1, 8)}
+    assert set(rows) == {"PyTorch", "onnxruntime", "onnxruntime INT8"} and rows["PyTorch"]["ratio_vs_pytorch"] == 1

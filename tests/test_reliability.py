@@ -11,7 +11,7 @@ from defectkit.core.errors import DataError, DefectkitError, TrainingError
 
 
 def test_a_manifest_written_for_other_data_is_refused_not_reused(mvtec_tree, blob_mask, tmp_path):
-    from defectkit.datasets.split import load_or_build_manifest
+    from defectkit.datasets.split import load_or_build_manifest, read_manifest
 
     items = {("train", "good", f"g{i}"): None for i in range(4)}
     items.update({("test", "good", f"t{i}"): None for i in range(4)})
@@ -25,8 +25,9 @@ def test_a_manifest_written_for_other_data_is_refused_not_reused(mvtec_tree, blo
     other = mvtec_tree("bottle", items, root=tmp_path / "other")
     with pytest.raises(DataError, match="data root"):
         load_or_build_manifest(other, path, "all", seed=0)
-    with pytest.raises(DataError, match="asked: screw"):
+    with pytest.raises(DataError, match="unknown category 'screw'; available: bottle"):  # not split in from nowhere
         load_or_build_manifest(root, path, "screw", seed=0)
+    assert read_manifest(path)["categories"] == ["bottle"]  # and the file is left as it was
 
 
 @pytest.mark.parametrize("ext", [".png", ".jpg"])
