@@ -62,7 +62,7 @@ COMPARE_DIR := $(WORK)/compare/$(DATA_NAME)-$(CATEGORY)
 APP_NAME := defectkit-$(DATA_NAME)-$(CATEGORY)
 RUNS ?= $(YOLO_RUN) $(ANOMALY_RUN) $(SAM_RUN)
 
-.PHONY: help setup demo test test-fast lint docs generate validate stats split synth-defects convert bench-convert finetune-yolo \
+.PHONY: help setup demo test test-fast lint docs screenshots generate validate stats split synth-defects convert bench-convert finetune-yolo \
 	anomaly benchmark-paper bench-anomaly finetune-sam bench-sam compare app harvest clean predict export bench-predict
 
 help:
@@ -71,6 +71,7 @@ help:
 	@echo "make test       the whole test suite (what CI runs)"
 	@echo "make test-fast  the tests without the slow ones"
 	@echo "make docs       build the documentation (docs/, MkDocs, strict) into work/site"
+	@echo "make screenshots  docs/img/report.png from the demo's report (headless chromium)"
 	@echo "make generate   write the embedded synthetic MVTec-layout dataset"
 	@echo "make validate   index DATA/CATEGORY and report layout problems"
 	@echo "make stats      dataset statistics: table, JSON and plots"
@@ -297,6 +298,10 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# docs/img/report.png from the demo's own report (make demo first), with headless Chromium
+screenshots: setup
+	$(PY) -m defectkit.review.screenshots --report $(COMPARE_DIR)/report.html --out docs/img
 
 # the documentation under docs/, built strictly (a broken link or anchor fails) into $(WORK)/site
 docs: setup
