@@ -6,6 +6,7 @@
     defectkit train anomaly --config configs/demo/anomaly.yaml --epochs 20
     defectkit train yolo --data work/out/<data>/converted/<cat>-defect/yolo/data.yaml mosaic=0.5
     defectkit train sam --data work/out/<data>/converted/<cat>-defect --config configs/demo/sam.yaml
+    defectkit val --run work/runs/anomaly/<run>/<category> --split all
     defectkit predict --run work/runs/anomaly/<run>/<category> --images 'line/*.png'
     defectkit export --run ...
     defectkit compare --gt .../ground_truth.jsonl --runs work/runs/yolo/<run> work/runs/anomaly/<run>
@@ -30,6 +31,7 @@ import yaml
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("defectkit.datasets.__main__", "datasets: generate | validate | stats | split | synth-defects | demo"),
     "convert": ("defectkit.converters.__main__", "masks -> YOLO, YOLO-seg, COCO, VOC, label maps, with fidelity"),
+    "val": ("defectkit.anomaly.validate", "re-score a trained anomaly run: its fold, all of test/, other data"),
     "predict": ("defectkit.deploy.__main__", "OK/NG, maps, boxes, overlays and a CSV for new images"),
     "export": ("defectkit.deploy.__main__", "ONNX export of a run, checked against PyTorch"),
     "compare": ("defectkit.review.compare", "score runs side by side on the test fold: table, JSON, HTML"),

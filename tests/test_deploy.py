@@ -280,3 +280,20 @@ def test_int8_export_is_checked_on_the_test_fold_and_refused_when_it_moves_the_a
 
     rows = {row["backend"]: row for row in bench(run, None, 8, 1, 8)}
     assert set(rows) == {"PyTorch", "onnxruntime", "onnxruntime INT8"} and rows["PyTorch"]["ratio_vs_pytorch"] == 1
+
+
+@pytest.mark.slow
+def test_val_rescores_a_run_to_its_own_figures_and_on_the_whole_test_split(ae_run, tmp_path):
+    from defectkit.anomaly import validate as V
+
+    own = json.loads((ae_run / "metrics.json").read_text())
+    m = V.main(V.get_args_parser().parse_args(["--run", str(ae_run), "--out", str(tmp_path / "test"), "-q"]))
+    assert m["test_images"] == own["test_images"]
+    assert m["image"]["auroc"] == pytest.approx(own["image"]["auroc"], abs=1e-6)  # the trainer's own numbers
+    assert m["pixel"]["auroc"] == pytest.approx(own["pixel"]["auroc"], abs=1e-6)
+    assert m["image"]["at_threshold"]["fp"] == own["image"]["at_threshold"]["fp"]
+    assert (tmp_path / "test" / "results.md").is_file()
+    everything = V.rescore(ae_run, split="all")
+    assert everything["protocol"] == "paper" and everything["test_images"] > m["test_images"]
+    with pytest.raises(ConfigError, match="--split 'train'"):
+        V.rescore(ae_run, split="train")
