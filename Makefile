@@ -291,10 +291,10 @@ bench-anomaly: split
 		--out $(WORK)/bench/anomaly-$(DATA_NAME) -- --manifest $(OUT_DIR)/manifest.json $(ANOMALY_ARGS)
 
 test: setup
-	$(VENV)/bin/pytest -n 2
+	$(VENV)/bin/pytest -n 2 --dist loadgroup
 
 test-fast: setup
-	$(VENV)/bin/pytest -n 2 -m "not slow"
+	$(VENV)/bin/pytest -n 2 --dist loadgroup -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -85,3 +85,15 @@ def auroc_from_scores() -> Callable[[Path], float]:
         return auroc(np.array([float(r["score"]) for r in rows]), np.array([int(r["label"]) for r in rows]))
 
     return compute
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start FiftyOne's database run on one xdist worker, one after the other (``--dist loadgroup``):
+    two FiftyOne processes started side by side with different database folders can reach the same database
+    service, and one then misses the dataset the other made ("Dataset dk-app not found" in CI)."""
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is not None and ("fiftyone" in inspect.getsource(fn) or "app_page" in inspect.getsource(fn)):
+            item.add_marker(pytest.mark.xdist_group("fiftyone"))
