@@ -46,7 +46,7 @@ from defectkit.core.paths import WORK, claim_run_dir
 from defectkit.core.training import resolve_device, write_run_args
 from defectkit.finetune.sam_cascade import CascadeConfig, cascade, resolve_cascade_conf
 from defectkit.finetune.sam_core import MODEL_NAMES, EmbeddingCache, load_sam
-from defectkit.finetune.sam_data import default_data, load_sam_data
+from defectkit.finetune.sam_data import conversion_folder, load_sam_data
 from defectkit.finetune.sam_deploy import write_spec
 from defectkit.finetune.sam_eval import box_as_mask, instance_scores, predict, score_fine_tuned
 from defectkit.finetune.sam_train import SamTrainConfig, fit, synthetic_stage
@@ -58,7 +58,8 @@ log = logging.getLogger("defectkit.finetune.sam")
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--data", type=Path, default=None, help="conversion folder of make convert (default: the demo's)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="the conversion (make convert's folder, or its yolo/data.yaml) (default: the demo's)")
     p.add_argument("--category", default=None, help="only this category's images")
     p.add_argument("--model", choices=MODEL_NAMES, default="vit_b")
     p.add_argument("--checkpoint", type=Path, default=None, help="SAM checkpoint (.pth), required except for tiny")
@@ -123,7 +124,7 @@ def _main(args: argparse.Namespace, dist) -> dict:
     cfg = SamTrainConfig.from_args(args)
     torch.manual_seed(cfg.seed)
     device = dist.device
-    conv = args.data or default_data()
+    conv = conversion_folder(args.data)
     d = load_sam_data(conv, args.category, args.augment, cfg.seed)
     run = claim_run_dir((args.out or WORK / "runs" / "sam" / f"{conv.name}-{cfg.model}").resolve(), cfg.resume,
                         args.exist_ok)

@@ -64,6 +64,17 @@ def augmented(items: list[Item], k: int, seed: int) -> list[Item]:
     return out
 
 
+def conversion_folder(data: Path | None) -> Path:
+    """``--data``: the conversion folder of ``make convert``, also when given as its ``yolo/data.yaml`` (the path
+    ``finetune/yolo.py`` takes), so one path serves both trainers; the demo's conversion when ``None``."""
+    if data is None:
+        return default_data()
+    data = Path(data)
+    if data.suffix in (".yaml", ".yml") and data.parent.name in ("yolo", "yolo_seg"):
+        return data.parent.parent
+    return data
+
+
 def default_data() -> Path:
     return WORK / "out" / "defectkit_synth" / "converted" / "all-defect"
 

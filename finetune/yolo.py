@@ -73,7 +73,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
-                   help="data.yaml written by make convert (default: the embedded demo's conversion of --category)")
+                   help="the conversion: make convert's folder or its yolo/data.yaml (default: the embedded demo's "
+                        "conversion of --category)")
     p.add_argument("--category", default="all", help="with no --data: the conversion of this category (default all)")
     p.add_argument("--model", choices=sorted(MODELS), default="yolov8s-worldv2")
     p.add_argument("--weights", type=Path, default=None, help="pretrained .pt to start from (overrides --weights-dir)")

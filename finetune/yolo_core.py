@@ -154,7 +154,11 @@ def class_prompts(names: list[str], conv_dir: Path, template: str) -> list[str]:
 
 
 def data_for(spec: dict, data: Path) -> Path:
-    """The labels a model trains on: a segment model takes the conversion's YOLO-seg ``data.yaml``."""
+    """The labels a model trains on, from ``--data``: a conversion folder (as ``finetune/sam.py`` takes it) or its
+    ``yolo/data.yaml``; a segment model takes the conversion's YOLO-seg ``data.yaml``."""
+    data = Path(data)
+    if data.is_dir() and (data / "yolo" / "data.yaml").is_file():  # the conversion folder itself
+        data = data / "yolo" / "data.yaml"
     if spec["task"] == "segment" and data.parent.name == "yolo":
         seg = data.parent.parent / "yolo_seg" / "data.yaml"
         if not seg.is_file():

@@ -412,3 +412,15 @@ def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(conv, tmp_pa
     S.main(_args(conv, tmp_path, *args, "--exist-ok"))  # a rerun reloads the finished stage, does not retrain it
     assert [name for name, _ in starts] == ["run"] and (pre / "done.json").stat().st_mtime_ns == done
     assert all(torch.equal(v, pre_best[k]) for k, v in starts[0][1].items())
+
+
+def test_data_is_the_conversion_folder_or_its_yolo_data_yaml_for_both_trainers(tmp_path):
+    from defectkit.finetune.sam_data import conversion_folder
+    from defectkit.finetune.yolo_core import data_for
+
+    conv = tmp_path / "washer-defect"
+    (conv / "yolo").mkdir(parents=True)
+    (conv / "yolo" / "data.yaml").write_text("path: x\n")
+    assert conversion_folder(conv / "yolo" / "data.yaml") == conv and conversion_folder(conv) == conv
+    assert data_for({"task": "detect"}, conv) == conv / "yolo" / "data.yaml"
+    assert data_for({"task": "detect"}, conv / "yolo" / "data.yaml") == conv / "yolo" / "data.yaml"
