@@ -26,6 +26,8 @@ from defectkit.core.training import load_weights
 log = logging.getLogger("defectkit.anomaly")
 
 HEAD_MODELS = ("draem", "conv_ae", "unet_ae", "fc_ae", "vae")
+#: the exported graphs a runner can run: float32 (``export``) and INT8 (``export --quantize int8``)
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
 ONNX_ATOL = 1e-4  # max |onnxruntime - torch| allowed on maps and scores (float32 through the same graph)
 
 
@@ -120,22 +122,24 @@ class AnomalyRunner:
         if backend == "torch":
             self.head = build_head(self.spec, self.run, device)
             self.device = device
-        elif backend == "onnx":
-            onnx_path = self.run / "export" / "model.onnx"
+        elif backend in ONNX_FILES:
+            onnx_path = self.run / "export" / ONNX_FILES[backend]
             if not onnx_path.is_file():
-                raise MissingFileError(f"{onnx_path} not found: export the run first (make export RUN={self.run})")
+                flag = " --quantize int8" if backend == "onnx-int8" else ""
+                raise MissingFileError(f"{onnx_path} not found: export the run first (defectkit export --run "
+                                       f"{self.run}{flag})")
             spec_path = self.run / "export" / "model.json"
             spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
             if spec.get("kind") != "anomaly":
                 raise DataError(f"{spec_path}: exported from a {spec.get('kind')} run, not this anomaly run: export "
                                 "again (make export RUN=...)")
-            self.session = ort_session(onnx_path)
+            self.session = _ort_session(onnx_path)
             self.spec = spec
         else:
-            raise ConfigError(f"unknown backend {backend!r}; choose torch or onnx")
+            raise ConfigError(f"unknown backend {backend!r}; choose torch, {' or '.join(ONNX_FILES)}")
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.backend == "onnx":
+        if self.backend in ONNX_FILES:
             maps, scores = self.session.run(["maps", "scores"], {"images": np.ascontiguousarray(x, np.float32)})
             return maps, scores.astype(np.float64)
         import torch
@@ -145,7 +149,7 @@ class AnomalyRunner:
         return maps.cpu().numpy(), scores.double().cpu().numpy()
 
 
-def ort_session(path: Path):
+def _ort_session(path: Path):
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -176,7 +180,7 @@ def export_onnx(run: Path, images: Sequence[np.ndarray], out: Path | None = None
         torch.onnx.export(head, (torch.from_numpy(x[:2]),), str(onnx_tmp), input_names=["images"],
                           output_names=["maps", "scores"], dynamic_shapes=({0: batch},), dynamo=True,
                           opset_version=18, external_data=False, verbose=False)
-        session = ort_session(onnx_tmp)
+        session = _ort_session(onnx_tmp)
         o_maps, o_scores = session.run(["maps", "scores"], {"images": x})
         with torch.no_grad():
             t_maps, t_scores = (t.numpy() for t in head(torch.from_numpy(x)))

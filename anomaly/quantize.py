@@ -20,51 +20,31 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectkit.anomaly.deploy import export_onnx, prepare_batch, read_spec
+from defectkit.anomaly.deploy import ONNX_FILES, export_onnx, prepare_batch, read_spec
 from defectkit.core.atomic import atomic_write_bytes, atomic_write_json
 from defectkit.core.errors import DataError
 
 log = logging.getLogger("defectkit.anomaly")
-INT8_FILE = "model.int8.onnx"
+INT8_FILE = ONNX_FILES["onnx-int8"]
 AUROC_TOL = 0.002
-QUANT_OPTIONS: dict = {}
 
 
-def _test_fold(run: Path, spec: dict) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """``(images, labels, masks at the model's size)`` of the run's scored images, read through its manifest."""
-    from defectkit.converters.canonical import read_records
+def _fold(run: Path, size: int, n_calib: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``(test images, labels, masks at the model's size, calibration images)``: the run's own test fold, and
+    ``n_calib`` of its category's good training images, evenly spaced."""
+    from defectkit.anomaly.data import entry_masks
+    from defectkit.anomaly.validate import run_data, split_entries
     from defectkit.datasets.image_files import read_image
-    from defectkit.datasets.split import entries, read_manifest
+    from defectkit.datasets.split import entries
 
-    header, recs = read_records(run / "predictions.jsonl")
-    root = Path(header["data_root"])
-    mask_of = {}
-    if header.get("manifest"):
-        mask_of = {e.key: e.mask for e in entries(read_manifest(header["manifest"]))}
-    size = spec["preprocess"]["size"][0]
-    images, labels, masks = [], [], []
-    for r in recs:
-        images.append(read_image(root / r.image))
-        labels.append(r.defect_type != "good")
-        rel = mask_of.get(r.key)
-        m = read_image(root / rel) if rel else np.zeros(images[-1].shape[:2], np.uint8)
-        m = m.max(axis=2) if m.ndim == 3 else m
-        masks.append(cv2.resize((m > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0)
-    return images, np.asarray(labels), np.stack(masks)
-
-
-def _good_train_images(run: Path, n: int) -> list[np.ndarray]:
-    from defectkit.converters.canonical import read_records
-    from defectkit.datasets.image_files import read_image
-    from defectkit.datasets.split import entries, read_manifest
-
-    header, recs = read_records(run / "predictions.jsonl")
-    if not header.get("manifest"):
-        raise DataError(f"{run}/predictions.jsonl names no split manifest: cannot find the training images")
-    cat = recs[0].category if recs else None
-    goods = entries(read_manifest(header["manifest"]), category=cat, source_split="train")
-    step = max(1, len(goods) // n)
-    return [read_image(Path(header["data_root"]) / e.image) for e in goods[::step][:n]]
+    root, m, category = run_data(run)
+    test = split_entries(m, category, "test")
+    masks = [cv2.resize(mk.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+             for mk in entry_masks(root, test)]
+    goods = entries(m, category=category, source_split="train")
+    goods = goods[:: max(1, len(goods) // n_calib)][:n_calib]
+    return ([read_image(root / e.image) for e in test], np.array([e.defect_type != "good" for e in test]),
+            np.stack(masks), [read_image(root / e.image) for e in goods])
 
 
 def _scores(session, x: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -85,11 +65,11 @@ def quantize_int8(run: Path, n_calib: int = 32, tol: float = AUROC_TOL) -> dict:
 
     run = Path(run)
     spec = read_spec(run)
-    images, labels, masks = _test_fold(run, spec)
+    images, labels, masks, goods = _fold(run, spec["preprocess"]["size"][0], n_calib)
     fp32 = run / "export" / "model.onnx"
     if not fp32.is_file():
         export_onnx(run, images[:8])
-    calib = prepare_batch(_good_train_images(run, n_calib), spec)
+    calib = prepare_batch(goods, spec)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -104,7 +84,7 @@ def quantize_int8(run: Path, n_calib: int = 32, tol: float = AUROC_TOL) -> dict:
     with tempfile.TemporaryDirectory(dir=run, prefix=".int8.") as tmp:
         q = Path(tmp) / INT8_FILE
         quantize_static(str(fp32), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **QUANT_OPTIONS)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         f_maps, f_scores = _scores(ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]), x)
         q_maps, q_scores = _scores(ort.InferenceSession(str(q), providers=["CPUExecutionProvider"]), x)
         check = {"test_images": len(x), "calibration_images": len(calib),

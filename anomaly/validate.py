@@ -26,33 +26,47 @@ from defectkit.review.summary import finish_run
 SPLITS = ("test", "val", "all")  # the manifest's test fold, its val fold, every image of the official test/
 
 
-def rescore(run: Path, data: Path | None = None, category: str | None = None, split: str = "test",
-            manifest: Path | None = None, seed: int = 0, backend: str = "torch", batch: int = 16) -> dict:
-    """The run's metrics on ``split`` of ``data`` (default: the data and manifest it was trained on)."""
+def run_data(run: Path, data: Path | None = None, category: str | None = None, manifest: Path | None = None,
+             seed: int = 0) -> tuple[Path, dict, str | None]:
+    """``(data root, split manifest, category)`` a run is scored on: by default the data, manifest and category
+    its ``predictions.jsonl`` names; ``data`` (another MVTec-layout root) gets its own manifest."""
     from defectkit.converters.canonical import read_records
-    from defectkit.datasets.image_files import read_image
-    from defectkit.datasets.split import entries, resolve_manifest
+    from defectkit.datasets.split import resolve_manifest
 
-    if split not in SPLITS:
-        raise ConfigError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    run = Path(run)
-    header, recs = read_records(run / "predictions.jsonl")
+    header, recs = read_records(Path(run) / "predictions.jsonl")
     category = category or (recs[0].category if recs else None)
     if data is None:
         data, manifest = Path(header["data_root"]), manifest or header.get("manifest")
     root, m = resolve_manifest(data, manifest, seed, category)
-    chosen = [e for e in entries(m, category=category, source_split="test") if split == "all" or e.fold == split]
+    return Path(root), m, category
+
+
+def split_entries(m: dict, category: str | None, split: str) -> list:
+    """The manifest's scored images of ``split`` (:data:`SPLITS`) for ``category``."""
+    from defectkit.datasets.split import entries
+
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    return [e for e in entries(m, category=category, source_split="test") if split == "all" or e.fold == split]
+
+
+def rescore(run: Path, data: Path | None = None, category: str | None = None, split: str = "test",
+            manifest: Path | None = None, seed: int = 0, backend: str = "torch", batch: int = 16) -> dict:
+    """The run's metrics on ``split`` of ``data`` (default: the data and manifest it was trained on)."""
+    from defectkit.anomaly.data import entry_masks
+    from defectkit.datasets.image_files import read_image
+
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    root, m, category = run_data(run, data, category, manifest, seed)
+    chosen = split_entries(m, category, split)
     if not chosen:
         raise ConfigError(f"no image of {category!r} in the {split} split of {root}")
     runner = AnomalyRunner(run, backend)
-    images = [read_image(Path(root) / e.image) for e in chosen]
-    x = prepare_batch(images, runner.spec)
+    x = prepare_batch([read_image(root / e.image) for e in chosen], runner.spec)
     outs = [runner(x[i : i + batch]) for i in range(0, len(x), batch)]
     maps, scores = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
-    masks = []
-    for e, im in zip(chosen, images, strict=True):
-        mk = read_image(Path(root) / e.mask, rgb=False) if e.mask else np.zeros(im.shape[:2], np.uint8)
-        masks.append((mk.max(axis=2) if mk.ndim == 3 else mk) > 0)
+    masks = entry_masks(root, chosen)
     y = np.array([e.defect_type != "good" for e in chosen])
     types = [e.defect_type for e in chosen]
     thr = runner.spec.get("thresholds", {})

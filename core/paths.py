@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from defectkit.core.errors import ConfigError
+
 #: the repository root (the ``defectkit`` package)
 ROOT = Path(__file__).resolve().parents[1]
 #: everything a run writes: ``./work`` of the directory the command runs in (never inside an installed package);
@@ -17,8 +19,6 @@ def claim_run_dir(run: Path, resume: bool = False, exist_ok: bool = False) -> Pa
     (a folder with ``metrics.json``) unless ``resume`` or ``exist_ok`` (or ``DEFECTKIT_EXIST_OK=1``, which
     ``make ... FORCE=1`` sets) says so.  An interrupted run (no ``metrics.json``) is reused: its checkpoints
     are what ``--resume`` continues.  Raises :class:`~defectkit.core.errors.ConfigError` naming the folder."""
-    from defectkit.core.errors import ConfigError
-
     run = Path(run)
     if run.exists() and not run.is_dir():
         raise ConfigError(f"{run}: the run folder is an existing file; pass another --out")

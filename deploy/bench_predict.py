@@ -41,12 +41,8 @@ def bench(run: Path, images: str | None, n: int, repeat: int, batch: int) -> lis
         if not (run / "export" / "model.onnx").is_file():
             export_onnx(run, imgs[:8])
         runners = {b: AnomalyRunner(run, b) for b in ("torch", "onnx")}
-        int8 = run / "export" / "model.int8.onnx"
-        if int8.is_file():  # made (and checked) by `defectkit export --quantize int8`
-            from defectkit.anomaly.deploy import ort_session
-
-            session = ort_session(int8)
-            runners["int8"] = lambda xb: session.run(["maps", "scores"], {"images": xb})
+        if (run / "export" / "model.int8.onnx").is_file():  # made (and checked) by `export --quantize int8`
+            runners["int8"] = AnomalyRunner(run, "onnx-int8")
         x = prepare_batch(imgs, runners["torch"].spec)
         size = runners["torch"].spec["preprocess"]["size"]
 

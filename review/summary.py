@@ -162,12 +162,14 @@ def published_table(categories: Sequence[str]) -> str:
 def write_summary(out: Path, family: str, runs: Mapping[str, Path | None], title: str = "") -> dict:
     """Read each category's run (``None``: not run / failed) and write the summary files to ``out``.
     A comparison gets one table per figure (image AUROC, pixel AUROC, ...) with a column per model."""
-    per_category, sources = {}, {}
+    per_category, sources, protocols = {}, {}, set()
     for cat, run in runs.items():
         f = Path(run) / METRICS_FILE[family] if run is not None else None
         metrics = json.loads(f.read_text()) if f is not None and f.is_file() else {}
         per_category[cat] = family_values(family, metrics)
         sources[cat] = str(f) if metrics else None
+        if metrics:
+            protocols.add(metrics.get("protocol", "manifest"))
     columns = list(dict.fromkeys(c for vals in per_category.values() for c in vals))
     summary = summarize(per_category, columns)
     title = title or f"{family}: {len(runs)} categories"
@@ -177,8 +179,6 @@ def write_summary(out: Path, family: str, runs: Mapping[str, Path | None], title
                                              "sources": sources})
     text = f"**{title}**\n\n" + "\n".join(
         (f"{name}:\n\n" if family == "compare" else "") + markdown(t) for name, t in tables.items())
-    protocols = {json.loads((Path(r) / "metrics.json").read_text()).get("protocol", "manifest")
-                 for r in runs.values() if r is not None and (Path(r) / "metrics.json").is_file()}
     if family == "anomaly":
         text += f"\nprotocol: {', '.join(sorted(protocols)) or '-'}\n"
         if protocols == {"paper"}:
