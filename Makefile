@@ -41,15 +41,18 @@ CONVERT_ARGS := $(if $(DATA),--data $(DATA)) --category $(CATEGORY) --seed $(SEE
 	--scheme $(SCHEME) --workers $(WORKERS) --manifest $(OUT_DIR)/manifest.json --out $(CONV_DIR)
 # YOLO: the offline from-scratch recipe by default (no weights can be downloaded here);
 # with weights in work/weights: YOLO_ARGS="--text-embeddings clip --epochs 100 --imgsz 640"
-# the demo's recipes are configs/demo/*.yaml (configs/README.md); MODEL= picks another anomaly model
+# the recipes are configs/$(RECIPES)/*.yaml (configs/README.md): demo/ on the embedded set, real/ on real
+# photographs (DATA=...); `make demo DATA=...` uses demo-real/, the real/ recipes with time budgets that keep
+# it within 15 minutes on 2 cores.  MODEL= picks another anomaly model
+RECIPES ?= $(if $(DATA),real,demo)
+DEMO_RECIPES ?= $(if $(DATA),demo-real,demo)
 MODEL ?= draem
-ANOMALY_ARGS_draem := --config configs/demo/anomaly.yaml
+ANOMALY_ARGS_draem = --config configs/$(RECIPES)/anomaly.yaml
 ANOMALY_ARGS ?= $(or $(ANOMALY_ARGS_$(MODEL)),--imgsz 128 --epochs 12 --augment)
 YOLO_MODEL ?= yolov8n-worldv2
-# real photographs: YOLO_ARGS="--config configs/real/yolo.yaml" (synthetic pretraining, 120 epochs)
-YOLO_ARGS ?= --config configs/demo/yolo.yaml
+YOLO_ARGS ?= --config configs/$(RECIPES)/yolo.yaml
 SAM_MODEL ?= tiny
-SAM_ARGS ?= --config configs/demo/sam.yaml
+SAM_ARGS ?= --config configs/$(RECIPES)/sam.yaml
 APP_PORT ?= 5151
 
 # the demo's stages, each a file target: a finished stage is reused, a rerun is safe
@@ -116,12 +119,14 @@ SIDE_BY_SIDE ?= 1
 STAGE_3 = $(STAGE) --step 3/7 --name "anomaly model ($(MODEL)), good images only" --headline anomaly:$(ANOMALY_RUN)
 STAGE_4 = $(STAGE) --step 4/7 --name "YOLO ($(YOLO_MODEL)) on the converted labels" --headline yolo:$(YOLO_RUN)/metrics.json
 ifeq ($(SIDE_BY_SIDE),1)
-STAGE_34 = $(STAGE_3) --prefix "[anomaly] " -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done ANOMALY_THREADS=1 & a=$$!; \
-	$(STAGE_4) --prefix "[yolo] " -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json YOLO_THREADS=1 & y=$$!; \
+STAGE_34 = $(STAGE_3) --prefix "[anomaly] " -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done ANOMALY_THREADS=1 \
+	RECIPES=$(DEMO_RECIPES) & a=$$!; \
+	$(STAGE_4) --prefix "[yolo] " -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json YOLO_THREADS=1 \
+	RECIPES=$(DEMO_RECIPES) & y=$$!; \
 	ra=0; ry=0; wait $$a || ra=$$?; wait $$y || ry=$$?; test $$ra = 0 && test $$ry = 0
 else
-STAGE_34 = $(STAGE_3) -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done && \
-	$(STAGE_4) -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json
+STAGE_34 = $(STAGE_3) -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done RECIPES=$(DEMO_RECIPES) && \
+	$(STAGE_4) -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json RECIPES=$(DEMO_RECIPES)
 endif
 # CPU threads of a training stage (default: every core); the demo gives one each to stages run side by side
 ANOMALY_THREADS ?=
@@ -133,7 +138,8 @@ demo: setup
 		$(MAKE) --no-print-directory $(CONVERTED)
 	@$(STAGE_34)
 	@$(STAGE) --step 5/7 --name "SAM ($(SAM_MODEL)) mask decoder, the YOLO->SAM and $(MODEL)->SAM cascades" \
-		--headline sam:$(SAM_RUN)/metrics.json -- $(MAKE) --no-print-directory $(SAM_RUN)/metrics.json
+		--headline sam:$(SAM_RUN)/metrics.json -- $(MAKE) --no-print-directory $(SAM_RUN)/metrics.json \
+		RECIPES=$(DEMO_RECIPES)
 	@$(STAGE) --step 6/7 --name "comparison on the test fold" --headline compare:$(COMPARE_DIR)/comparison.json -- \
 		$(PY) -m defectkit.review.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR) -q
 	@$(STAGE) --step 7/7 --name "FiftyOne dataset" -- \
@@ -291,10 +297,10 @@ bench-anomaly: split
 		--out $(WORK)/bench/anomaly-$(DATA_NAME) -- --manifest $(OUT_DIR)/manifest.json $(ANOMALY_ARGS)
 
 test: setup
-	$(VENV)/bin/pytest -n 2 --dist loadgroup
+	$(VENV)/bin/pytest -n 2
 
 test-fast: setup
-	$(VENV)/bin/pytest -n 2 --dist loadgroup -m "not slow"
+	$(VENV)/bin/pytest -n 2 -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

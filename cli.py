@@ -31,7 +31,7 @@ import yaml
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("defectkit.datasets.__main__", "datasets: generate | validate | stats | split | synth-defects | demo"),
     "convert": ("defectkit.converters.__main__", "masks -> YOLO, YOLO-seg, COCO, VOC, label maps, with fidelity"),
-    "val": ("defectkit.anomaly.validate", "re-score a trained anomaly run: its fold, all of test/, other data"),
+    "val": ("defectkit.deploy.validate", "re-score a trained run (anomaly, YOLO, SAM): its fold, all, other data"),
     "predict": ("defectkit.deploy.__main__", "OK/NG, maps, boxes, overlays and a CSV for new images"),
     "export": ("defectkit.deploy.__main__", "ONNX export of a run, checked against PyTorch"),
     "compare": ("defectkit.review.compare", "score runs side by side on the test fold: table, JSON, HTML"),

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from defectkit.core.atomic import atomic_write_json
-from defectkit.core.cli import HelpFormatter
+from defectkit.core.cli import Categories, HelpFormatter
 
 
 def thumbnail_features(rgb: np.ndarray) -> np.ndarray:
@@ -75,7 +75,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--manifest", type=Path, default=None)
-    p.add_argument("--categories", required=True, help="comma-separated categories pooled into one folder")
+    p.add_argument("--categories", nargs="+", action=Categories, required=True,
+                   help="the categories pooled into one folder (space- or comma-separated)")
     p.add_argument("--k", type=int, default=None, help="clusters (default: the number of categories)")
     p.add_argument("--features", choices=("pixels", "resnet18", "resnet50"), default="pixels")
     p.add_argument("--backbone-weights", type=Path, default=None)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = get_args_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     setup_logging(a.quiet)
     root, manifest = resolve_manifest(a.data, a.manifest, a.seed)
-    cats = a.categories.split(",")
+    cats = list(a.categories)
     k = a.k or len(cats)
     train = [e for c in cats for e in entries(manifest, category=c, source_split="train")]
     held = [e for c in cats for e in entries(manifest, category=c, source_split="test")]

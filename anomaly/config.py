@@ -15,7 +15,7 @@ LOSSES = ("mse", "ssim", "mse_ssim")
 
 
 def _from(cls, args: argparse.Namespace, **override):
-    return cls(**{f.name: override.get(f.name, getattr(args, f.name)) for f in fields(cls)})
+    return cls(**{f.name: override[f.name] if f.name in override else getattr(args, f.name) for f in fields(cls)})
 
 
 class _FromArgs:
@@ -59,6 +59,7 @@ class TrainConfig(_FromArgs):
     lr: float = 2e-3
     patience: int = 10
     val_every: int = 1  # validate every N epochs (and after the last); patience counts validations
+    time: float | None = None  # hours: the epoch count becomes what fits (Ultralytics' ``time``)
     seed: int = 0
     workers: int = 0
     resume: bool = False
@@ -84,7 +85,7 @@ class ScoreConfig:
         scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
         topk_arg = args.topk if args.topk is not None else ("max" if args.model == "draem" else "1")
         topk = "max" if str(topk_arg) == "max" else float(topk_arg)
-        threshold, rate, recall = args.threshold, args.false_alarm_rate, getattr(args, "target_recall", None)
+        threshold, rate, recall = args.threshold_rule, args.false_alarm_rate, getattr(args, "target_recall", None)
         if getattr(args, "max_false_alarm", None) is not None:
             threshold, rate = "false_alarm", args.max_false_alarm
         elif threshold == "recall" and recall is None:

@@ -52,7 +52,7 @@ from defectkit.anomaly.evaluate import (
 )
 from defectkit.anomaly.trainer import build_scorer
 from defectkit.core.cli import HelpFormatter, run_cli
-from defectkit.core.config import apply_defaults, recipe, write_run_config
+from defectkit.core.config import apply_defaults, recipe, rename_flag, write_run_config
 from defectkit.core.distributed import Dist, process_group
 from defectkit.core.errors import ConfigError
 from defectkit.core.paths import WORK, claim_run_dir
@@ -68,7 +68,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="MVTec-layout root (default: embedded synthetic set)")
-    p.add_argument("--category", default="washer", help="a category of the manifest, or 'all'")
+    p.add_argument("--category", default="all", help="a category of the manifest, or all (each into <out>/<category>)")
     p.add_argument("--manifest", type=Path, default=None,
                    help="split manifest (default work/out/<data>/manifest.json)")
     p.add_argument("--model", choices=[*RECON_MODELS, *FEATURE_MODELS], default="conv_ae")
@@ -93,6 +93,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="train on random NxN crops of the --imgsz input, score whole images (fully convolutional "
                         f"models: {', '.join(CROP_MODELS)}): detail of --imgsz at the step cost of N; 0: whole images")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate (AdamW, cosine schedule)")
+    p.add_argument("--time", type=float, default=None, metavar="HOURS",
+                   help="hours of training: the epoch count becomes what fits, as Ultralytics' time=")
     p.add_argument("--patience", type=int, default=10, help="validations without improvement before stopping")
     p.add_argument("--val-every", type=int, default=1, metavar="N",
                    help="validate (select best.pt, early-stop) every N epochs and after the last one; "
@@ -111,26 +113,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of maps, in model pixels")
     p.add_argument("--topk", default=None,
                    help="image score: mean of the top-k %% pixels, or 'max' (default 1; draem: max, as DRAEM)")
-    p.add_argument("--threshold", choices=THRESHOLDS, default="f1",
+    p.add_argument("--threshold-rule", choices=THRESHOLDS, default="f1",
                    help="image and pixel thresholds, chosen on the val fold")
-    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="for --threshold percentile / false_alarm")
+    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="for --threshold-rule percentile / false_alarm")
     p.add_argument("--max-false-alarm", type=float, default=None, metavar="RATE",
                    help="operating point: the image threshold flags at most RATE of good val images "
-                        "(= --threshold false_alarm --false-alarm-rate RATE); says when the val fold is too small")
+                        "(= --threshold-rule false_alarm --false-alarm-rate RATE); says when the val fold is too small")
     p.add_argument("--target-recall", type=float, default=None, metavar="R",
-                   help="operating point for --threshold recall: flag R of the val fold's defects")
+                   help="operating point for --threshold-rule recall: flag R of the val fold's defects")
     p.add_argument("--backbone", choices=("resnet18", "resnet50", "wide_resnet50_2"), default="resnet18")
     p.add_argument("--backbone-weights", type=Path, default=None, help="local torchvision checkpoint (.pth)")
     p.add_argument("--random-init", action="store_true", help="feature models: untrained backbone (tests only)")
     p.add_argument("--coreset", type=float, default=0.1, help="patchcore: memory-bank fraction kept")
     p.add_argument("--device", default=None)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data-loading workers (0: in the main process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue <out>/last.pt")
     p.add_argument("--exist-ok", action="store_true", help="train over a finished run in --out (default: refused)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
+    rename_flag(p, "--threshold", "--threshold-rule", choices=THRESHOLDS)  # --threshold T is a score in predict
     # the recommended offline recipe is the default: `python anomaly/train.py` with no flag runs it (--help shows it)
     apply_defaults(p, recipe("demo/anomaly"), "configs/demo/anomaly.yaml")
     return p

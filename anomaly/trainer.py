@@ -172,9 +172,12 @@ def fit_reconstruction(cfg: RunConfig, run: Path, train_x: np.ndarray, val_x: np
         v = validation_auroc(scorer, val_x, val_y)
         return v, v
 
+    def stretch(epochs: int) -> None:  # --time changed the epoch count: the cosine now ends there
+        sched.T_max = max(1, epochs)
+
     loop = LoopConfig(t.epochs, t.patience, t.val_every, "val_auroc", desc=f"{m.model} {cfg.data.category}",
-                      quiet=t.quiet)
-    state = fit_loop(loop, state, train_epoch, validate, ckpt, dist)
+                      quiet=t.quiet, time=t.time)
+    state = fit_loop(loop, state, train_epoch, validate, ckpt, dist, on_epochs=stretch)
     if not dist.is_main:
         return None, state.history
     ckpt.load_best(device)

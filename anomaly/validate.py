@@ -1,5 +1,6 @@
-"""``defectkit val``: re-score a trained anomaly run, on its own fold, on the whole official test split, or on
-another dataset in MVTec layout, with the run's own head and the threshold it chose on validation.
+"""``defectkit val`` for anomaly runs (the command itself: ``deploy/validate.py``): re-score a trained anomaly
+run, on its own fold, on the whole official test split, or on another dataset in MVTec layout, with the
+run's own head and the threshold it chose on validation.
 
     defectkit val --run work/runs/anomaly/<run>/<category>                     # the manifest's test fold again
     defectkit val --run RUN --split all                                         # every image of test/ (as papers)
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.anomaly.deploy import AnomalyRunner, prepare_batch
-from defectkit.core.cli import HelpFormatter, run_cli
 from defectkit.core.errors import ConfigError
 from defectkit.review import metrics as M
 from defectkit.review.summary import finish_run
@@ -91,26 +91,3 @@ def main(args: argparse.Namespace) -> dict:
           f"AUPRO@30% {m['pixel']['aupro']:.3f}")
     print(f"-> {out / 'metrics.json'}")
     return m
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="defectkit val", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="an anomaly run's category folder")
-    p.add_argument("--data", type=Path, default=None, help="an MVTec-layout root (default: the run's own data)")
-    p.add_argument("--category", default=None, help="default: the run's category")
-    p.add_argument("--split", choices=SPLITS, default="test",
-                   help="test / val: the manifest's fold; all: every image of the official test/ split")
-    p.add_argument("--manifest", type=Path, default=None, help="split manifest (default: the run's, or a new one)")
-    p.add_argument("--seed", type=int, default=0, help="split seed when a manifest has to be written")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("-q", "--quiet", action="store_true")
-    return p
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return run_cli(get_args_parser(), main, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())

@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--coco-polygons", action="store_true", help="COCO polygons instead of RLE (RLE kept for regions with holes)"
     )
     p.add_argument("--copy", action="store_true", help="copy images instead of symlinking them")
-    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="workers converting images (processes)")
     p.add_argument("--seed", type=int, default=0, help="split seed when the manifest has to be written")
     p.add_argument(
         "--license",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,6 +38,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class Categories(argparse.Action):
+    """``--categories a b`` or ``--categories a,b`` (both spellings, in every command that takes it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        names = [c.strip() for v in values for c in str(v).split(",") if c.strip()]
+        if not names:
+            parser.error(f"{option_string}: no category named")
+        setattr(namespace, self.dest, names)
+
+
 def setup_logging(quiet: bool = False) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -62,10 +73,21 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) ->
     return parser.parse_intermixed_args(argv)  # ``key=value`` positionals may sit among the flags
 
 
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    """A deprecation reads ``warning: --old is deprecated ...: use --new``, not a path into argparse."""
+    if issubclass(category, FutureWarning):
+        return f"warning: {message}\n"
+    return _default_format(message, category, filename, lineno, line)
+
+
+_default_format = warnings.formatwarning
+
+
 def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], object],
             argv: Sequence[str] | None = None) -> int:
     """Run ``main(parse(parser, argv))``; a :class:`DefectkitError` prints ``error: ...`` (which
     names the file and the fix) instead of a traceback and returns 2."""
+    warnings.formatwarning = _plain_warning
     try:
         args = parse(parser, argv)
     except DefectkitError as e:

@@ -12,6 +12,7 @@ Unknown keys are refused with the file's name, so a typo in a recipe never passe
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import yaml
@@ -45,9 +46,48 @@ def recipe(name: str) -> dict:
     return read_yaml(CONFIGS / f"{name}.yaml")
 
 
+#: the release that drops the old spellings kept by :func:`rename_flag`
+ALIASES_REMOVED_IN = "0.4"
+
+
+def deprecated(old: str, new: str, where: str = "") -> None:
+    """The one warning an old spelling gets (FutureWarning: Python shows it by default)."""
+    warnings.warn(f"{where}{old} is deprecated and will be removed in {ALIASES_REMOVED_IN}: use {new}",
+                  FutureWarning, stacklevel=3)
+
+
+class _Renamed(argparse.Action):
+    """An old flag spelling: warns, then sets the new flag's value."""
+
+    def __init__(self, option_strings, dest, new: str, **kw):
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        deprecated(option_string, self.new)
+        setattr(namespace, self.dest, values)
+
+
+def rename_flag(parser: argparse.ArgumentParser, old: str, new: str, **kw) -> None:
+    """Keep ``old`` for one release as a hidden spelling of the already added flag ``new`` (same value
+    type, ``kw``): on the command line and as a key of a ``--config`` file (a run's config.yaml written
+    before the rename), each with a FutureWarning."""
+    dest = new.lstrip("-").replace("-", "_")
+    parser.add_argument(old, dest=dest, action=_Renamed, new=new, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS, **kw)
+    renamed = dict(getattr(parser, "renamed_keys", {}))
+    renamed[old.lstrip("-").replace("-", "_")] = dest
+    parser.renamed_keys = renamed  # read by apply_defaults
+
+
 def apply_defaults(parser: argparse.ArgumentParser, values: dict, source: str) -> None:
-    """Make ``values`` the parser's defaults; a key that names no flag of the parser is an error."""
+    """Make ``values`` the parser's defaults; a key that names no flag of the parser is an error (a key
+    renamed by :func:`rename_flag` is read as its new name, with a warning)."""
     dests = {a.dest for a in parser._actions}  # argparse offers no public list of its actions
+    renamed = getattr(parser, "renamed_keys", {})
+    for old in [k for k in values if k in renamed and k not in dests]:
+        deprecated(old, renamed[old], f"{source}: key ")
+        values = {(renamed[old] if k == old else k): v for k, v in values.items()}
     unknown = sorted(set(values) - dests)
     if unknown:
         raise ConfigError(f"{source}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a flag of "

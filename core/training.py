@@ -246,32 +246,69 @@ class LoopConfig:
     min_delta: float = 1e-4
     desc: str = "train"
     quiet: bool = False
+    time: float | None = None  # hours (Ultralytics' ``time``): the epoch count becomes what fits in it
+
+
+def epochs_that_fit(hours: float, seconds: list[float], at_least: int) -> int:
+    """Ultralytics' rule for ``time``: the budget over the mean epoch time so far (``seconds``, not
+    empty), never below the epochs already done."""
+    return max(at_least, math.floor(hours * 3600 / (sum(seconds) / len(seconds))))
+
+
+def share_time(hours: float | None, stage_epochs: int, all_epochs: int) -> float | None:
+    """A stage's part of a run's ``--time``, in proportion to its epochs (synthetic pretraining + fine-tuning)."""
+    return None if hours is None else hours * stage_epochs / max(1, all_epochs)
 
 
 def fit_loop(cfg: LoopConfig, state: RunState, train_epoch: Callable[[int], float],
-             validate: Callable[[int, float], tuple[float, float | None]], ckpt: Checkpointer, dist=None) -> RunState:
+             validate: Callable[[int, float], tuple[float, float | None]], ckpt: Checkpointer, dist=None,
+             on_epochs: Callable[[int], None] | None = None) -> RunState:
     """Epochs ``state.epoch + 1 .. cfg.epochs - 1``: ``train_epoch(epoch)`` gives the mean training loss;
     on a validation epoch ``validate(epoch, loss)`` gives ``(score used for selection, value for the
     history)``, computed by rank 0 and broadcast so every process agrees on the decision.  A checkpoint
     after every epoch (``best.pt`` on a new best), history rows ``{epoch, train_loss, <val_name>, seconds}``,
-    and a stop after ``patience`` validations without gain."""
+    and a stop after ``patience`` validations without gain.
+
+    With ``cfg.time`` (hours) the epoch count is re-estimated after every epoch from the mean epoch time
+    (the history's, so a resumed run keeps its budget) and ``on_epochs(n)`` is told, so the caller can
+    stretch its schedule to the new end, as Ultralytics does for ``time``."""
     from defectkit.core.distributed import Dist
 
     dist = dist or Dist()
-    bar = progress(range(state.epoch + 1, cfg.epochs), desc=cfg.desc, disable=cfg.quiet or not dist.is_main,
-                   initial=state.epoch + 1, total=cfg.epochs)
-    for epoch in bar:
+    total = cfg.epochs
+
+    def refit(done: int, running: float | None = None) -> None:
+        """The new epoch count from the finished epochs' times (and the running one's training time)."""
+        nonlocal total
+        seconds = [r["seconds"] for r in state.history] + ([running] if running is not None else [])
+        if cfg.time is None or not seconds:
+            return
+        n = dist.broadcast(epochs_that_fit(cfg.time, seconds, done) if dist.is_main else None)
+        if n != total:
+            log.info("--time %.3gh: %d epochs fit (%.1fs each so far)", cfg.time, n, sum(seconds) / len(seconds))
+            total = bar.total = n
+            if on_epochs is not None:
+                on_epochs(n)
+
+    bar = progress(desc=cfg.desc, disable=cfg.quiet or not dist.is_main, initial=state.epoch + 1, total=total)
+    refit(state.epoch + 1)
+    epoch = state.epoch + 1
+    while epoch < total:
         t0 = time.perf_counter()
         loss = train_epoch(epoch)
+        refit(epoch + 1, time.perf_counter() - t0)  # before validating: is this the last epoch?
         score = logged = None
-        if (epoch + 1) % max(1, cfg.val_every) == 0 or epoch == cfg.epochs - 1:
+        if (epoch + 1) % max(1, cfg.val_every) == 0 or epoch == total - 1:
             score, logged = dist.broadcast(validate(epoch, loss) if dist.is_main else None)
         row = {"epoch": epoch + 1, "train_loss": loss, cfg.val_name: logged, "seconds": time.perf_counter() - t0}
         ckpt.save(state, state.record(epoch, row, score, cfg.min_delta))
         bar.set_postfix(loss=f"{loss:.4f}", val="-" if score is None else f"{score:.3f}", best=f"{state.best:.3f}")
+        bar.update()
         if state.stale >= cfg.patience:
             log.info("early stop at epoch %d: no validation gain for %d validations", epoch + 1, state.stale)
             break
+        epoch += 1
+    bar.close()
     if dist.is_main:
         atomic_write_json(ckpt.run / "history.json", state.history)
     return state
@@ -297,7 +334,8 @@ def mark_stage_done(folder: Path, info: dict, name: str = "done.json") -> None:
 
 def config_from_args(cls, args: argparse.Namespace, **override):
     """A config dataclass whose fields are read from the parsed arguments of the same name."""
-    return cls(**{f.name: override.get(f.name, getattr(args, f.name)) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: override[f.name] if f.name in override else getattr(args, f.name)
+                  for f in dataclasses.fields(cls)})
 
 
 def write_run_args(run: Path, config) -> dict:

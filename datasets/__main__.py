@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", default=",".join(str(DEFAULT_FRACTIONS[f]) for f in ("train", "val", "test")),
                    help="train,val,test fractions of each category's test images (default %(default)s)")
     p.add_argument("--deep", action="store_true", help="validate: decode every image too")
-    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--workers", type=int, default=2, help="workers decoding images (threads)")
     p.add_argument("--force", action="store_true", help="generate: replace an existing root")
     p.add_argument("--n", type=int, default=200, help="synth-defects: synthetic defect images per category")
     p.add_argument("--anomaly-source", type=Path, default=None,

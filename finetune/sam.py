@@ -15,10 +15,10 @@ fold ``val``, results fold ``test``.
 Recipe (MedSAM, lightning-sam): image encoder frozen, prompt encoder frozen
 (``--train-prompt-encoder`` to train it), mask decoder trained with Dice + BCE and AdamW; prompts
 are ground-truth instance boxes with random jitter, plus ``--points N`` positive points sampled
-inside the region.  ``--augment K`` adds K albumentations-augmented copies of every training
+inside the region.  ``--augment-copies K`` adds K albumentations-augmented copies of every training
 image (flips, rotations by 90 degrees, brightness/contrast), transforming image, mask and box
 together; their embeddings are cached like the originals.  Image embeddings are computed once
-and cached on disk (``--cache``, keyed by image content and model weights).
+and cached on disk (``--cache-dir``, keyed by image content and model weights).
 
 Checkpoints (``<run>/last.pt``, ``best.pt``) hold only what is trained (the mask decoder, and
 the prompt encoder when trained) plus the base model's name and weights hash; ``--resume``
@@ -40,10 +40,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from defectkit.core.cli import HelpFormatter, run_cli
-from defectkit.core.config import apply_defaults, recipe
+from defectkit.core.config import apply_defaults, recipe, rename_flag
 from defectkit.core.distributed import process_group
 from defectkit.core.paths import WORK, claim_run_dir
-from defectkit.core.training import resolve_device, write_run_args
+from defectkit.core.training import resolve_device, share_time, write_run_args
 from defectkit.finetune.sam_cascade import CascadeConfig, cascade, resolve_cascade_conf
 from defectkit.finetune.sam_core import MODEL_NAMES, EmbeddingCache, load_sam
 from defectkit.finetune.sam_data import conversion_folder, load_sam_data
@@ -60,7 +60,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
                    help="the conversion (make convert's folder, or its yolo/data.yaml) (default: the demo's)")
-    p.add_argument("--category", default=None, help="only this category's images")
+    p.add_argument("--category", default="all",
+                   help="with no --data: the conversion of this category; with --data: only its images")
     p.add_argument("--model", choices=MODEL_NAMES, default="vit_b")
     p.add_argument("--checkpoint", type=Path, default=None, help="SAM checkpoint (.pth), required except for tiny")
     p.add_argument("--imgsz", "--tiny-size", dest="imgsz", type=int, default=256,
@@ -79,12 +80,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="segment each box on its own square crop, CROP times the box's longer side, resized to the "
                         "encoder's input (small defects at many times the resolution; one encoder pass per box); "
                         "0: the whole image, SAM's own way")
-    p.add_argument("--augment", type=int, default=0, help="augmented copies of each training image")
+    p.add_argument("--augment-copies", type=int, default=0, metavar="K",
+                   help="albumentations-augmented copies of each training image")
     p.add_argument("--train-prompt-encoder", action="store_true")
     p.add_argument("--train-encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="train the image encoder too (MedSAM-style full fine-tuning; from scratch for the tiny "
                         "model); embeddings are then computed live, the cache serves frozen encoders only")
     p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--time", type=float, default=None, metavar="HOURS",
+                   help="hours of training: the epoch count becomes what fits, as Ultralytics' time= "
+                        "(with --synthetic-pretrain shared by the two stages in proportion to their epochs)")
     p.add_argument("--synthetic-pretrain", type=int, default=0, metavar="N",
                    help="first train on N synthetic defects painted on the data's good images (exact masks, "
                         "<run>/pretrain), then fine-tune on the real train fold from there")
@@ -100,13 +105,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cascade-conf", type=float, default=None,
                    help="box confidence the YOLO cascade keeps boxes at (default: the YOLO run's own, the peak of its "
                         "val fold's F1 curve, in its deploy.json; 0.25 when it has none)")
-    p.add_argument("--cache", type=Path, default=WORK / "cache" / "sam", help="image-embedding cache folder")
+    p.add_argument("--cache-dir", type=Path, default=WORK / "cache" / "sam", help="image-embedding cache folder")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run folder (default work/runs/sam/<data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue <out>/last.pt")
     p.add_argument("--exist-ok", action="store_true", help="train over a finished run in --out (default: refused)")
     p.add_argument("-q", "--quiet", action="store_true")
+    # spellings of 0.2, where --augment and --cache meant other things than in the other commands
+    rename_flag(p, "--augment", "--augment-copies", type=int)
+    rename_flag(p, "--cache", "--cache-dir", type=Path)
     # the recommended offline recipe is the default: `python finetune/sam.py` with no flag runs it (--help shows it)
     apply_defaults(p, recipe("demo/sam"), "configs/demo/sam.yaml")
     return p
@@ -124,8 +132,9 @@ def _main(args: argparse.Namespace, dist) -> dict:
     cfg = SamTrainConfig.from_args(args)
     torch.manual_seed(cfg.seed)
     device = dist.device
-    conv = conversion_folder(args.data)
-    d = load_sam_data(conv, args.category, args.augment, cfg.seed)
+    conv = conversion_folder(args.data, args.category)
+    only = None if args.category in (None, "all") else args.category  # None: every category of the conversion
+    d = load_sam_data(conv, only, args.augment_copies, cfg.seed)
     run = claim_run_dir((args.out or WORK / "runs" / "sam" / f"{conv.name}-{cfg.model}").resolve(), cfg.resume,
                         args.exist_ok)
     if dist.is_main:
@@ -133,7 +142,7 @@ def _main(args: argparse.Namespace, dist) -> dict:
     sam, key = load_sam(cfg.model, args.checkpoint, args.imgsz, cfg.seed)
     sam.box_prior = args.box_prior  # read by sam_core.decode: the decoder learns a residual on its prompt box
     sam.to(device)
-    cache = EmbeddingCache(sam, args.cache, key, device)
+    cache = EmbeddingCache(sam, args.cache_dir, key, device)
     test_inst = [it for it in d.test if len(it.boxes)]
     t0 = time.perf_counter()
     # fill the cache once (frozen encoder, whole images; crops are cached as they are first met)
@@ -147,9 +156,11 @@ def _main(args: argparse.Namespace, dist) -> dict:
     t1 = time.perf_counter()
     pretrain, label = None, cfg.model
     if args.synthetic_pretrain > 0:
-        pretrain = synthetic_stage(sam, key, conv, cache, cfg, args.synthetic_pretrain,
-                                   args.pretrain_epochs if args.pretrain_epochs is not None else cfg.epochs,
-                                   run, device, dist)
+        pre_epochs = args.pretrain_epochs if args.pretrain_epochs is not None else cfg.epochs
+        pretrain = synthetic_stage(sam, key, conv, cache,
+                                   replace(cfg, time=share_time(cfg.time, pre_epochs, pre_epochs + cfg.epochs)),
+                                   args.synthetic_pretrain, pre_epochs, run, device, dist)
+        cfg = replace(cfg, time=share_time(cfg.time, cfg.epochs, pre_epochs + cfg.epochs))
         label = f"{cfg.model} (synthetic pretrain {args.synthetic_pretrain})"
         if dist.is_main:  # what the synthetic stage alone gives on the real test fold
             pretrain["test"] = instance_scores(test_inst, predict(sam, test_inst, cache, device, crop=cfg.crop))
@@ -172,7 +183,7 @@ def _main(args: argparse.Namespace, dist) -> dict:
     if cfg.model == "tiny":
         how = "encoder included" if cfg.train_encoder else "with a random frozen encoder"
         metrics["note"] = f"tiny SAM (2-block ViT) trained from scratch, {how}: not SAM's results"
-    gt_test = [r for r in d.gt if r.fold == "test" and (not args.category or r.category == args.category)]
+    gt_test = [r for r in d.gt if r.fold == "test" and (not only or r.category == only)]
     # the anomaly cascade keeps all its regions; the confidence is the YOLO cascade's
     conf, conf_source = (resolve_cascade_conf(args.cascade_conf, args.yolo_predictions) if args.yolo_predictions
                          else (args.cascade_conf or 0.25, "no YOLO cascade"))

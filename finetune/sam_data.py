@@ -64,19 +64,20 @@ def augmented(items: list[Item], k: int, seed: int) -> list[Item]:
     return out
 
 
-def conversion_folder(data: Path | None) -> Path:
+def conversion_folder(data: Path | None, category: str = "all") -> Path:
     """``--data``: the conversion folder of ``make convert``, also when given as its ``yolo/data.yaml`` (the path
-    ``finetune/yolo.py`` takes), so one path serves both trainers; the demo's conversion when ``None``."""
+    ``finetune/yolo.py`` takes), so one path serves both trainers; with no ``--data``, the embedded set's
+    conversion of ``--category`` (as ``finetune/yolo.py``)."""
     if data is None:
-        return default_data()
+        return default_data(category)
     data = Path(data)
     if data.suffix in (".yaml", ".yml") and data.parent.name in ("yolo", "yolo_seg"):
         return data.parent.parent
     return data
 
 
-def default_data() -> Path:
-    return WORK / "out" / "defectkit_synth" / "converted" / "all-defect"
+def default_data(category: str = "all") -> Path:
+    return WORK / "out" / "defectkit_synth" / "converted" / f"{category}-defect"
 
 
 @dataclass

@@ -56,6 +56,7 @@ class SamTrainConfig:
     train_prompt_encoder: bool = False
     train_encoder: bool = False
     patience: int = 10
+    time: float | None = None  # hours: the epoch count becomes what fits (Ultralytics' ``time``)
     seed: int = 0
     resume: bool = False
     quiet: bool = False
@@ -188,7 +189,8 @@ def fit(sam, key: str, train_items, val_items, cache, cfg: SamTrainConfig, run: 
         iou = instance_scores(val_items, predict(sam, val_items, cache, device, crop=cfg.crop))["iou"]
         return iou, iou
 
-    loop = LoopConfig(cfg.epochs, cfg.patience, val_name="val_iou", desc="SAM decoder", quiet=cfg.quiet)
+    loop = LoopConfig(cfg.epochs, cfg.patience, val_name="val_iou", desc="SAM decoder", quiet=cfg.quiet,
+                      time=cfg.time)
     state = fit_loop(loop, state, train_epoch, validate, ckpt, dist)
     if dist.is_main:
         ckpt.load_best(device)

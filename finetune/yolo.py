@@ -39,10 +39,10 @@ from pathlib import Path
 
 from defectkit.core.atomic import atomic_write_json
 from defectkit.core.cli import HelpFormatter, run_cli
-from defectkit.core.config import apply_defaults, recipe
+from defectkit.core.config import apply_defaults, recipe, rename_flag
 from defectkit.core.errors import MissingFileError
 from defectkit.core.paths import WORK, claim_run_dir
-from defectkit.core.training import mark_stage_done, stage_done, write_run_args
+from defectkit.core.training import mark_stage_done, share_time, stage_done, write_run_args
 from defectkit.finetune.synthetic_pretrain import prepare
 from defectkit.finetune.text_embeddings import PROVIDERS
 from defectkit.finetune.yolo_core import (
@@ -75,7 +75,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None,
                    help="the conversion: make convert's folder or its yolo/data.yaml (default: the embedded demo's "
                         "conversion of --category)")
-    p.add_argument("--category", default="all", help="with no --data: the conversion of this category (default all)")
+    p.add_argument("--category", default="all", help="with no --data: the conversion of this category")
     p.add_argument("--model", choices=sorted(MODELS), default="yolov8s-worldv2")
     p.add_argument("--weights", type=Path, default=None, help="pretrained .pt to start from (overrides --weights-dir)")
     p.add_argument(
@@ -103,11 +103,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default=None, help="'cpu', '0', '0,1' (DDP); default: GPU 0 if present")
-    p.add_argument("--workers", type=int, default=2, help="dataloader workers")
+    p.add_argument("--workers", type=int, default=2, help="data-loading workers (Ultralytics' dataloader)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for training and inference (default: every core; Ultralytics' own choice "
-                        "is cores - 1)")
+                   help="CPU threads for training and inference (default: OMP_NUM_THREADS if set, else every core; "
+                        "Ultralytics' own choice is cores - 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time", type=float, default=None, metavar="HOURS",
+                   help="hours of training: the epoch count becomes what fits, as Ultralytics' time= "
+                        "(with --synthetic-pretrain shared by the two stages in proportion to their epochs)")
     p.add_argument("--patience", type=int, default=50, help="early stopping on val fitness (Ultralytics)")
     p.add_argument("--optimizer", default="auto")
     p.add_argument(
@@ -140,17 +143,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue <out>/weights/last.pt")
     p.add_argument("--exist-ok", action="store_true", help="train over a finished run in --out (default: refused)")
     p.add_argument("--conf", type=float, default=0.001, help="confidence floor of the test predictions")
-    p.add_argument("--threshold", choices=THRESHOLDS, default="f1",
+    p.add_argument("--threshold-rule", choices=THRESHOLDS, default="f1",
                    help="how the image threshold (on the highest box confidence) is chosen on the val fold")
-    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="for --threshold percentile / false_alarm")
+    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="for --threshold-rule percentile / false_alarm")
     p.add_argument("--max-false-alarm", type=float, default=None, metavar="RATE",
                    help="operating point: the image threshold rejects at most RATE of the good val images "
-                        "(= --threshold false_alarm --false-alarm-rate RATE)")
+                        "(= --threshold-rule false_alarm --false-alarm-rate RATE)")
     p.add_argument("--synthetic-pretrain", type=int, default=0, metavar="N",
                    help="first pretrain on N synthetic defect images painted on the data's good images "
                         "(one class, 'defect'), then fine-tune on the real train fold from that checkpoint")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the synthetic stage (default --epochs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch output from Ultralytics")
+    rename_flag(p, "--threshold", "--threshold-rule", choices=THRESHOLDS)  # --threshold T is a score in predict
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                    help="Ultralytics training arguments passed through as they are, e.g. mosaic=0.5 hsv_v=0.2")
     # the recommended offline recipe is the default: `python finetune/yolo.py` with no flag runs it (--help shows it)
@@ -187,8 +191,11 @@ def main(args: argparse.Namespace) -> dict:
         train_dir = Path(yaml.safe_load(data_yaml.read_text())["path"]) / "images" / "train"
         info["text_embeddings"] = prepare_text_embeddings(cfg, names, prompts, train_dir)
     if args.synthetic_pretrain > 0:
-        source, info["synthetic_pretrain"] = synthetic_stage(cfg, spec, conv, run_dir, args.synthetic_pretrain,
-                                                             args.pretrain_epochs or cfg.epochs)
+        pre_epochs = args.pretrain_epochs or cfg.epochs
+        source, info["synthetic_pretrain"] = synthetic_stage(
+            dataclasses.replace(cfg, time=share_time(cfg.time, pre_epochs, pre_epochs + cfg.epochs)), spec, conv,
+            run_dir, args.synthetic_pretrain, pre_epochs)
+        cfg = dataclasses.replace(cfg, time=share_time(cfg.time, cfg.epochs, pre_epochs + cfg.epochs))
         info["start"] = source
         cfg = dataclasses.replace(cfg, recipe=f"synthetic pretrain {args.synthetic_pretrain}")
     write_run_args(run_dir, args)

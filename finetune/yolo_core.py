@@ -63,6 +63,7 @@ class YoloConfig:
     close_mosaic: int = 10
     nbs: int = 64
     warmup_epochs: float = 3.0
+    time: float | None = None  # hours (Ultralytics' time=: overrides epochs)
     augment: bool = True
     cache: bool = False
     resume: bool = False
@@ -76,6 +77,7 @@ class YoloConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> YoloConfig:
         cfg = cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
+        cfg = dataclasses.replace(cfg, threshold=getattr(args, "threshold_rule", cfg.threshold))
         cfg = dataclasses.replace(cfg, overrides=tuple(cfg.overrides))
         if getattr(args, "max_false_alarm", None) is not None:  # the operating point, as the anomaly models'
             cfg = dataclasses.replace(cfg, threshold="false_alarm", false_alarm_rate=args.max_false_alarm)
@@ -104,10 +106,10 @@ NO_AUGMENT = {
 def setup_env(threads: int | None = None) -> None:
     """Ultralytics writes settings to a config dir and goes online unless told not to; on CPU it trains on
     ``min(8, cores - 1)`` threads (one on a 2-core machine) and sets ``OMP_NUM_THREADS=1`` on import:
-    ``threads`` (default: every core) replaces both."""
+    ``threads`` (default: ``OMP_NUM_THREADS`` where the user set it, else every core) replaces both."""
     os.environ.setdefault("YOLO_CONFIG_DIR", str(WORK / "ultralytics"))
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    n = threads or os.cpu_count() or 1
+    n = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     from ultralytics.utils import torch_utils
 
@@ -261,6 +263,8 @@ def train_overrides(cfg: YoloConfig, data_yaml: Path, run_dir: Path, source: str
     )
     if cfg.lr is not None:
         overrides["lr0"] = cfg.lr
+    if cfg.time is not None:
+        overrides["time"] = cfg.time
     if cfg.optimizer.lower() not in ("auto", "sgd", "musgd"):
         # Ultralytics' bias warmup starts at lr 0.1, tuned for SGD; an Adam-family step at 0.1 wrecks a
         # from-scratch start (Ultralytics sets it to 0 itself only for optimizer=auto)

@@ -162,13 +162,14 @@ def _detection_metrics(covered, preds, classes, header) -> dict:
     return out
 
 
-def compare(gt_path: Path, runs: list[Path], out: Path, conf: float = 0.25, fold: str = "test") -> list[dict]:
+def compare(gt_path: Path, runs: list[Path], out: Path, conf: float = 0.25, fold: str | None = "test") -> list[dict]:
+    """Score ``runs`` on ``fold`` of the ground truth (``None``: every image the runs predicted)."""
     header, gt_all = read_records(gt_path)
     loaded = load_runs(runs)
     images = {r.image for _, _, preds, _ in loaded.values() for r in preds}
-    gt = [g for g in gt_all if g.fold == fold and g.image in images]
+    gt = [g for g in gt_all if (fold is None or g.fold == fold) and g.image in images]
     if not gt:
-        raise DataError(f"none of the runs predicted an image of {gt_path}'s {fold} fold")
+        raise DataError(f"none of the runs predicted an image of {gt_path}'s {fold or 'any'} fold")
     results = [score_run(run, gt, header["classes"], conf) for run in loaded.values()]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "comparison.md", table(results) + "\n")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from defectkit.core.atomic import atomic_write_text
-from defectkit.core.cli import HelpFormatter
+from defectkit.core.cli import Categories, HelpFormatter
 from defectkit.core.errors import ConfigError, TrainingError
 from defectkit.review.summary import METRICS_FILE, write_summary
 
@@ -95,7 +95,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("--family", required=True, choices=sorted(METRICS_FILE))
     p.add_argument("--data", type=Path, default=None, help="MVTec-layout root (default: the embedded set)")
-    p.add_argument("--categories", nargs="+", default=None, help="default: every category of --data")
+    p.add_argument("--categories", nargs="+", action=Categories, default=None,
+                   help="space- or comma-separated (default: every category of --data)")
     p.add_argument("--run", required=True, help="each category's run folder, with {category}")
     p.add_argument("--cmd", required=True, help="each category's command (bash), with {category}")
     p.add_argument("--out", type=Path, required=True, help="where jobs.sh and summary.{md,json,png} go")

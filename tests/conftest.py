@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,13 +88,45 @@ def auroc_from_scores() -> Callable[[Path], float]:
     return compute
 
 
+def pytest_configure(config):
+    """Under ``pytest -n N`` each worker computes on one thread, and so do the processes it starts
+    (OMP_NUM_THREADS, which torch and our YOLO wrapper read): N workers of every-core torch on N cores
+    spend much of their time contending (measured: 68 s -> 37 s for four anomaly tests, -n 2, 2 cores)."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers > 1:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that start FiftyOne's database run on one xdist worker, one after the other (``--dist loadgroup``):
-    two FiftyOne processes started side by side with different database folders can reach the same database
-    service, and one then misses the dataset the other made ("Dataset dk-app not found" in CI)."""
+    """Tests that start FiftyOne's database are marked ``fiftyone`` (found by name in the test's source, or
+    marked by hand: ``make demo``'s last stage, for one); :func:`one_fiftyone_at_a_time` serialises them."""
     import inspect
 
     for item in items:
         fn = getattr(item, "function", None)
-        if fn is not None and ("fiftyone" in inspect.getsource(fn) or "app_page" in inspect.getsource(fn)):
-            item.add_marker(pytest.mark.xdist_group("fiftyone"))
+        if fn is not None and any(k in inspect.getsource(fn).lower() for k in ("fiftyone", "app_page")):
+            item.add_marker(pytest.mark.fiftyone)
+
+
+@pytest.fixture(autouse=True)
+def one_fiftyone_at_a_time(request, tmp_path_factory):
+    """Two FiftyOne processes started side by side with different database folders can reach the same
+    database service, and one then misses the dataset the other made ("Dataset dk-app not found" in CI):
+    under ``pytest -n N`` the ``fiftyone`` tests take one lock shared by every worker, so they run one after
+    the other.  (A lock, not xdist's ``--dist loadgroup``: with pytest 9 that option no longer groups.)"""
+    if request.node.get_closest_marker("fiftyone") is None:
+        yield
+        return
+    import fcntl
+
+    lock = tmp_path_factory.getbasetemp().parent / "fiftyone.lock"  # pytest-N/, above every worker's folder
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

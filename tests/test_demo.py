@@ -33,6 +33,7 @@ def _make(work: Path, *extra: str, **overrides: str) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
+@pytest.mark.fiftyone  # its last stage builds a FiftyOne dataset
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_demo_runs_every_stage_and_a_failing_stage_fails_it(tmp_path):
     work = tmp_path / "work"

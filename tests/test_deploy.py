@@ -285,9 +285,10 @@ def test_int8_export_is_checked_on_the_test_fold_and_refused_when_it_moves_the_a
 @pytest.mark.slow
 def test_val_rescores_a_run_to_its_own_figures_and_on_the_whole_test_split(ae_run, tmp_path):
     from defectkit.anomaly import validate as V
+    from defectkit.deploy import validate as entry  # `defectkit val`, for every kind of run
 
     own = json.loads((ae_run / "metrics.json").read_text())
-    m = V.main(V.get_args_parser().parse_args(["--run", str(ae_run), "--out", str(tmp_path / "test"), "-q"]))
+    m = entry.main(entry.get_args_parser().parse_args(["--run", str(ae_run), "--out", str(tmp_path / "test"), "-q"]))
     assert m["test_images"] == own["test_images"]
     assert m["image"]["auroc"] == pytest.approx(own["image"]["auroc"], abs=1e-6)  # the trainer's own numbers
     assert m["pixel"]["auroc"] == pytest.approx(own["pixel"]["auroc"], abs=1e-6)

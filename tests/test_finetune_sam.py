@@ -148,7 +148,7 @@ def _args(conv, tmp_path, *extra):
     # whole-image prompts and a frozen encoder unless a test says otherwise (not the demo recipe's defaults)
     return S.get_args_parser().parse_args(["--data", str(conv), "--model", "tiny", "--tiny-size", "64", "--lr", "1e-3",
                                            "--crop", "0", "--no-train-encoder",
-                                           "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "-q",
+                                           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "-q",
                                            "--device", "cpu", *map(str, extra)])
 
 

@@ -107,6 +107,16 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
         r["image"] for r in rows["onnx"]]
     assert np.allclose([float(r["score"]) for r in rows["torch"]], [float(r["score"]) for r in rows["onnx"]],
                        atol=1e-3)
+    # defectkit val: the run re-scored as deployed on its own conversion's folds (test by default, then all)
+    for split, n in (("test", len(test)), ("all", len(gt))):
+        v = subprocess.run([sys.executable, "-m", "defectkit.deploy.validate", "--run", str(run), "--split", split],
+                           env=no_clip, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert v.returncode == 0, v.stderr[-3000:]
+        assert f"on the {split} split of {data_yaml.parent.parent} ({n} images)" in v.stdout
+        again = json.loads((run / "val" / f"{data_yaml.parent.parent.name}-{split}" / "comparison.json").read_text())
+        assert again["runs"][0]["images"] == n and again["fold"] == (None if split == "all" else split)
+        if split == "test":
+            assert again["runs"][0]["image_auroc"] == pytest.approx(m["image_auroc"])
 
 
 @pytest.mark.slow

@@ -56,6 +56,54 @@ def test_a_bad_config_names_the_file_and_the_problem(tmp_path):
         read_yaml(tmp_path / "nope.yaml")
 
 
+def test_a_renamed_flag_keeps_its_old_spelling_for_one_release_with_a_warning(tmp_path):
+    from defectkit.anomaly.train import get_args_parser as anomaly_parser
+    from defectkit.finetune.sam import get_args_parser as sam_parser
+    from defectkit.finetune.yolo import get_args_parser as yolo_parser
+
+    p = sam_parser()
+    with pytest.warns(FutureWarning, match="--augment is deprecated and will be removed in 0.4: use --augment-copies"):
+        a = parse(p, ["--augment", "3", "--cache", str(tmp_path / "c")])
+    assert (a.augment_copies, a.cache_dir) == (3, tmp_path / "c") and not hasattr(a, "augment")
+    assert "--augment " not in p.format_help() and "--augment-copies" in p.format_help()
+    # a run's config.yaml written before the rename still reruns, saying which key to change
+    (tmp_path / "old.yaml").write_text("augment: 2\ncache: somewhere\nepochs: 3\n")
+    with pytest.warns(FutureWarning, match="old.yaml: key augment is deprecated .* use augment_copies"):
+        a = parse(sam_parser(), ["--config", str(tmp_path / "old.yaml")])
+    assert (a.augment_copies, a.cache_dir, a.epochs) == (2, Path("somewhere"), 3)
+    # --threshold is a score in predict; the training scripts' rule is --threshold-rule
+    for parser in (anomaly_parser, yolo_parser):
+        with pytest.warns(FutureWarning, match="use --threshold-rule"):
+            assert parse(parser(), ["--threshold", "otsu"]).threshold_rule == "otsu"
+        assert parse(parser(), ["--threshold-rule", "percentile"]).threshold_rule == "percentile"
+        with pytest.raises(SystemExit):  # still checked against the rules
+            parse(parser(), ["--threshold", "0.3"])
+
+
+def test_categories_take_either_spelling_in_every_command():
+    from defectkit.anomaly.cluster import get_args_parser as cluster_parser
+    from defectkit.review.sweep import get_args_parser as sweep_parser
+
+    for argv in (["--categories", "a,b", "c"], ["--categories", "a", "b,c"], ["--categories", "a, b ,c"]):
+        assert cluster_parser().parse_args(argv).categories == ["a", "b", "c"]
+        common = ["--family", "anomaly", "--run", "r/{category}", "--cmd", "x", "--out", "o"]
+        assert sweep_parser().parse_args([*common, *argv]).categories == ["a", "b", "c"]
+    with pytest.raises(SystemExit):
+        cluster_parser().parse_args(["--categories", ","])
+
+
+def test_category_means_the_same_in_every_trainer():
+    from defectkit.anomaly.train import get_args_parser as anomaly_parser
+    from defectkit.finetune.sam import get_args_parser as sam_parser
+    from defectkit.finetune.sam_data import conversion_folder
+    from defectkit.finetune.yolo import get_args_parser as yolo_parser
+    from defectkit.finetune.yolo_core import default_data
+
+    assert {f().parse_args([]).category for f in (sam_parser, yolo_parser, anomaly_parser)} == {"all"}
+    # with no --data, both supervised trainers take the embedded conversion of --category
+    assert conversion_folder(None, "weave") == default_data("weave").parent.parent
+
+
 def test_help_shows_every_default():
     text = _parser().format_help()
     assert "(default: 3)" in text and "crop factor (default: 0.0)" in text

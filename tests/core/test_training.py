@@ -178,3 +178,58 @@ def test_mean_over_a_single_process_and_the_loss_module():
     step = T.LossModule(lin, lambda m, x: m(x).sum())
     assert list(step.parameters()) == list(lin.parameters())  # DDP would see the model's parameters
     assert step(torch.ones(3, 2)).shape == ()
+
+
+class _Clock:
+    """time.perf_counter for fit_loop: each training epoch takes ``epoch_s`` seconds, validation none."""
+
+    def __init__(self, epoch_s: float):
+        self.now, self.epoch_s = 0.0, epoch_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    def train(self, train_epoch):
+        def run(epoch):
+            self.now += self.epoch_s
+            return train_epoch(epoch)
+        return run
+
+
+def test_a_time_budget_sets_the_epoch_count_and_tells_the_schedule(tmp_path, monkeypatch):
+    model, opt, train_epoch = _problem()
+    clock = _Clock(10.0)
+    monkeypatch.setattr(T.time, "perf_counter", clock)
+    told, validated = [], []
+
+    def validate(epoch, loss):
+        validated.append(epoch)
+        return -loss, None
+
+    # 35 s of 10 s epochs: 3 fit (by hand: floor(35 / 10)), though 50 were asked for; validation every 2
+    # epochs and after the last one, which is only known once the budget is
+    cfg = T.LoopConfig(epochs=50, patience=99, val_every=2, quiet=True, time=35 / 3600)
+    state = T.fit_loop(cfg, T.RunState(), clock.train(train_epoch), validate, T.Checkpointer(tmp_path, {"m": model}),
+                       on_epochs=told.append)
+    assert [h["epoch"] for h in state.history] == [1, 2, 3]
+    assert told == [3] and validated == [1, 2]
+    # more time than the asked epochs need: the budget wins, as Ultralytics' time= (25 s -> 2 epochs of 10 s,
+    # 95 s -> 9)
+    assert T.epochs_that_fit(25 / 3600, [10.0, 10.0], 1) == 2
+    assert T.epochs_that_fit(95 / 3600, [10.0], 1) == 9 and T.epochs_that_fit(1 / 3600, [10.0], 4) == 4
+    assert T.share_time(1.0, 8, 32) == 0.25 and T.share_time(None, 8, 32) is None
+
+
+def test_a_resumed_run_keeps_its_time_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(T.time, "perf_counter", clock := _Clock(20.0))
+    model, opt, train_epoch = _problem()
+    ckpt = T.Checkpointer(tmp_path, {"model": model}, {"optimizer": opt})
+    first = T.fit_loop(T.LoopConfig(epochs=2, patience=99, quiet=True), T.RunState(), clock.train(train_epoch),
+                       lambda e, loss: (-loss, None), ckpt)  # stopped after 2 epochs of 20 s
+    assert len(first.history) == 2
+    clock.epoch_s = 10.0
+    cfg = T.LoopConfig(epochs=50, patience=99, quiet=True, time=65 / 3600)
+    state = T.fit_loop(cfg, ckpt.resume(), clock.train(train_epoch), lambda e, loss: (-loss, None), ckpt)
+    # the history's 40 s count: 65 s hold 3 epochs of 20 s; after a third of 10 s the mean is 50/3 s and
+    # 65 s hold 3.9 epochs, so the run ends at 3 (alone, the new 10 s epochs would have allowed 6)
+    assert [h["epoch"] for h in state.history] == [1, 2, 3]
