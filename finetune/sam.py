@@ -44,7 +44,7 @@ from defectkit.core.config import apply_defaults, recipe, rename_flag
 from defectkit.core.distributed import process_group
 from defectkit.core.paths import WORK, claim_run_dir
 from defectkit.core.training import resolve_device, share_time, write_run_args
-from defectkit.finetune.sam_cascade import CascadeConfig, cascade, resolve_cascade_conf
+from defectkit.finetune.sam_cascade import MAX_DET, CascadeConfig, cascade, resolve_cascade_conf
 from defectkit.finetune.sam_core import MODEL_NAMES, EmbeddingCache, load_sam
 from defectkit.finetune.sam_data import conversion_folder, load_sam_data
 from defectkit.finetune.sam_deploy import write_spec
@@ -105,6 +105,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cascade-conf", type=float, default=None,
                    help="box confidence the YOLO cascade keeps boxes at (default: the YOLO run's own, the peak of its "
                         "val fold's F1 curve, in its deploy.json; 0.25 when it has none)")
+    p.add_argument("--cascade-max-det", type=int, default=MAX_DET, metavar="N",
+                   help="the most boxes per image a cascade segments, highest confidence first (Ultralytics' "
+                        "max_det)")
     p.add_argument("--cache-dir", type=Path, default=WORK / "cache" / "sam", help="image-embedding cache folder")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -195,7 +198,7 @@ def _main(args: argparse.Namespace, dist) -> dict:
             gt_test,
             d.header,
             d.classes,
-            CascadeConfig(args.yolo_predictions, conf, label, cfg.crop),
+            CascadeConfig(args.yolo_predictions, conf, label, cfg.crop, max_det=args.cascade_max_det),
             run,
             device,
         ) | {"cascade_conf_source": conf_source}
@@ -203,11 +206,11 @@ def _main(args: argparse.Namespace, dist) -> dict:
         metrics["anomaly_cascade"] = cascade(
             sam, cache, d.test, gt_test, d.header, d.classes,
             CascadeConfig(args.anomaly_predictions, conf, label, cfg.crop,
-                          "cascade_anomaly_predictions.jsonl"),
+                          "cascade_anomaly_predictions.jsonl", args.cascade_max_det),
             run, device,
         )
     write_spec(run, args, key, Path(args.yolo_predictions).resolve().parent if args.yolo_predictions else None,
-               conf)  # what predict on new images uses
+               conf, args.cascade_max_det)  # what predict on new images uses
     metrics = finish_run(run, "sam", metrics)
     _print(metrics, run)
     return metrics

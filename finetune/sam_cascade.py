@@ -28,6 +28,20 @@ def resolve_cascade_conf(conf: float | None, predictions: Path) -> tuple[float, 
     return 0.25, "default 0.25 (the YOLO run has no val-chosen box confidence)"
 
 
+#: the most boxes per image a cascade prompts SAM with (highest confidence first), as Ultralytics' max_det
+MAX_DET = 30
+
+
+def prompt_boxes(scores, conf: float, max_det: int | None = MAX_DET) -> np.ndarray:
+    """Indices of the boxes a cascade segments: confidence >= ``conf``, highest first, at most ``max_det``
+    (``None``: all).  An untrained detector's val-chosen confidence can be ~0.01, where it gives ~50 boxes
+    an image, each one an encoder pass with ``--crop``: what the cascade keeps, it segments, no more."""
+    s = np.asarray(scores, float).reshape(-1)
+    idx = np.flatnonzero(s >= conf)
+    idx = idx[np.argsort(-s[idx], kind="stable")]
+    return idx if max_det is None else idx[:max_det]
+
+
 @dataclass(frozen=True)
 class CascadeConfig:
     predictions: Path  # a predictions file, or a run folder (an anomaly run: one file per category)
@@ -35,6 +49,7 @@ class CascadeConfig:
     sam_model: str = "tiny"
     crop: float = 0.0
     out_name: str = "cascade_predictions.jsonl"
+    max_det: int | None = MAX_DET
 
 
 def read_prompt_predictions(src: Path, classes: list[str]) -> tuple[dict, list, bool]:
@@ -70,10 +85,13 @@ def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig
     conf = -np.inf if anomaly else cfg.conf
     by_image = {r.image: r for r in ypreds}
     none = ([], np.zeros((0, 4)), np.zeros(0))
-    meta = [
-        (r.labels, r.boxes_xyxy, r.scores) if (r := by_image.get(it.record.image)) is not None else none
-        for it in test_items
-    ]
+
+    def kept(r):  # the boxes the cascade segments (an anomaly model's regions all pass its -inf)
+        scores = r.scores if r.scores is not None else np.ones(len(r))
+        i = prompt_boxes(scores, conf, cfg.max_det)
+        return [r.labels[k] for k in i], np.asarray(r.boxes_xyxy).reshape(-1, 4)[i], np.asarray(scores)[i]
+
+    meta = [kept(r) if (r := by_image.get(it.record.image)) is not None else none for it in test_items]
     boxes_by_item = {id(it): m[1] for it, m in zip(test_items, meta, strict=True)}
     preds = predict(sam, test_items, cache, device, lambda it: boxes_by_item[id(it)], cfg.crop)
     recs = to_records(test_items, preds, meta)
@@ -90,6 +108,7 @@ def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig
             fold="test",
             prompts_from=str(cfg.predictions),
             **({"yolo_run": str(cfg.predictions), "box_conf": cfg.conf} if not anomaly else {}),
+            max_det=cfg.max_det,
             **extra,
         ),
         recs,

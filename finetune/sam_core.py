@@ -112,15 +112,17 @@ class EmbeddingCache:
     """Image embeddings on disk, keyed by image content and model key (float16 ``.pt`` files).
 
     The ViT-B encoder takes ~20 s per 1024 px image on a 2-core CPU; decoder epochs then read
-    the cache.  ``hits`` / ``misses`` count what happened.
+    the cache.  ``hits`` / ``misses`` count what happened.  With ``root=None`` embeddings are kept in
+    memory only (deployment: new images are not worth a file).
     """
 
-    def __init__(self, sam, root: Path, model_key: str, device: str = "cpu"):
+    def __init__(self, sam, root: Path | None, model_key: str, device: str = "cpu"):
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.sam, self.device = sam, device
-        self.dir = Path(root) / model_key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(root) / model_key if root is not None else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.memory: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
@@ -141,8 +143,8 @@ class EmbeddingCache:
         if k in self.memory:
             self.hits += 1
             return self.memory[k]
-        path = self.dir / f"{k}.pt"
-        if path.is_file():
+        path = self.dir / f"{k}.pt" if self.dir is not None else None
+        if path is not None and path.is_file():
             self.hits += 1
             emb = torch.load(path, map_location=self.device, weights_only=True).float()
         else:
@@ -150,7 +152,8 @@ class EmbeddingCache:
             # stored as float16; a miss returns the same rounded values a later hit will read,
             # so a run gives the same result with a cold or a warm cache
             half = self.encode(rgb).half()
-            atomic_torch_save(half.cpu(), path)
+            if path is not None:
+                atomic_torch_save(half.cpu(), path)
             emb = half.float()
         self.memory[k] = emb
         return emb

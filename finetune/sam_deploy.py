@@ -20,11 +20,12 @@ import numpy as np
 from defectkit.core.atomic import atomic_write_bytes, atomic_write_json
 from defectkit.core.deploy_spec import read_deploy_spec, write_deploy_spec
 from defectkit.core.errors import ConfigError, DataError, MissingFileError
+from defectkit.finetune.sam_cascade import prompt_boxes
 
 ONNX_ATOL = 1e-3  # mask logits / embeddings: float32 through the same graph
 
 
-def write_spec(run: Path, args, key: str, yolo_run: Path | None, conf: float) -> dict:
+def write_spec(run: Path, args, key: str, yolo_run: Path | None, conf: float, max_det: int | None) -> dict:
     return write_deploy_spec(
         run, "sam_cascade" if yolo_run else "sam", weights="best.pt", base=key,
         sam={"model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
@@ -32,6 +33,7 @@ def write_spec(run: Path, args, key: str, yolo_run: Path | None, conf: float) ->
         # relative to this run, so the two run folders can move together
         yolo_run=os.path.relpath(Path(yolo_run).resolve(), Path(run).resolve()) if yolo_run else None,
         cascade_conf=conf,
+        cascade_max_det=max_det,
         score="image score and decision: the YOLO run's (highest box confidence)")
 
 
@@ -45,7 +47,7 @@ def read_spec(run: Path) -> dict:
 
 def load_sam_run(run: Path, spec: dict, device: str = "cpu"):
     """``(sam, cache)``: the base model with the run's fine-tuned decoder; the cache object gives the
-    resize transform (its folder is a temporary one: embeddings of new images are not kept)."""
+    resize transform (in memory only: embeddings of new images are not kept)."""
     from defectkit.finetune.sam_core import EmbeddingCache, load_sam
     from defectkit.finetune.sam_train import load_trained
 
@@ -57,7 +59,7 @@ def load_sam_run(run: Path, spec: dict, device: str = "cpu"):
         raise MissingFileError(f"{weights} not found: the run has no trained decoder")
     load_trained(sam, weights, key, device)
     sam.to(device).eval()
-    return sam, EmbeddingCache(sam, Path(tempfile.mkdtemp(prefix="defectkit-sam-")), key, device)
+    return sam, EmbeddingCache(sam, None, key, device)
 
 
 def predict_images(run: Path, images: list[tuple[str, np.ndarray]], backend: str = "torch"):
@@ -78,9 +80,9 @@ def predict_images(run: Path, images: list[tuple[str, np.ndarray]], backend: str
 
     with torch.no_grad():
         for p, (_, im) in zip(preds, images, strict=True):
-            keep = np.asarray(p.box_scores) >= conf
-            p.boxes, p.labels = p.boxes[keep], [lab for lab, k in zip(p.labels, keep, strict=True) if k]
-            p.box_scores = [s for s, k in zip(p.box_scores, keep, strict=True) if k]
+            keep = prompt_boxes(p.box_scores, conf, spec.get("cascade_max_det"))  # as the cascade was scored
+            p.boxes, p.labels = p.boxes[keep], [p.labels[k] for k in keep]
+            p.box_scores = [p.box_scores[k] for k in keep]
             rgb = im if im.ndim == 3 else np.repeat(im[..., None], 3, 2)
             if not len(p.boxes):
                 p.masks = []

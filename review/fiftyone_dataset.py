@@ -8,7 +8,9 @@ The dataset is persistent and rebuilt on every call (a rerun refreshes it).  Fie
 
 * ``ground_truth``: instance detections with masks; ``gt_segmentation``: class-id masks;
   ``category``, ``defect_type``, ``fold`` fields and tags (the fold and the defect type);
-* per run, ``<run>``: its detections (boxes, confidences, instance masks when it has them);
+* per run, ``<run>``: its detections (boxes, confidences, instance masks when it has them) at or above
+  the box confidence the comparison scores it at (the run's own, chosen on its val fold, else
+  ``--conf``): the boxes a detector keeps, not the thousands below its operating point;
   anomaly runs add ``<run>_heatmap`` (``fo.Heatmap`` with an explicit ``range``, so the raw map
   values render) and ``<run>_mask`` (the thresholded map as a segmentation);
 * ``evaluate_detections`` per run with eval key ``eval_<run>`` (class-agnostic for anomaly
@@ -32,7 +34,7 @@ from defectkit.converters.instances import decode_rle
 from defectkit.core.cli import HelpFormatter, run_cli
 from defectkit.core.errors import ConfigError, DataError, DefectkitError
 from defectkit.core.paths import WORK
-from defectkit.review.predictions import load_runs
+from defectkit.review.predictions import load_runs, run_box_conf
 
 
 class DatabaseError(DefectkitError):
@@ -51,11 +53,13 @@ def field_name(name: str) -> str:
     return f if f and not f[0].isdigit() else f"run_{f}"
 
 
-def _detections(rec: ImageRecord, labels: list[str] | None = None):
+def _detections(rec: ImageRecord, labels: list[str] | None = None, conf: float = -np.inf):
     import fiftyone as fo
 
     dets = []
     for k, (x0, y0, x1, y1) in enumerate(rec.boxes_xyxy):
+        if rec.scores is not None and rec.scores[k] < conf:
+            continue
         kw = {}
         if rec.masks is not None:
             m = decode_rle(rec.masks[k])
@@ -110,8 +114,10 @@ def _gt_sample(fo, g: ImageRecord, data_root: Path, cid: dict[str, int]):
     return s
 
 
-def _add_run(fo, samples: dict, fld: str, header: dict, preds: list[ImageRecord], dirs: dict[str, Path]) -> None:
-    """One run's detections, and for anomaly runs its heatmaps (one value range for the run) and masks."""
+def _add_run(fo, samples: dict, fld: str, header: dict, preds: list[ImageRecord], dirs: dict[str, Path],
+             conf: float = -np.inf) -> None:
+    """One run's detections scored at least ``conf``, and for anomaly runs its heatmaps (one value range for
+    the run) and masks."""
     anomaly = header.get("kind_of_model") == "anomaly"
     maps = {
         r.image: np.load(dirs[r.image] / r.anomaly_map).astype(np.float32)
@@ -124,7 +130,7 @@ def _add_run(fo, samples: dict, fld: str, header: dict, preds: list[ImageRecord]
         s = samples.get(r.image)
         if s is None:
             continue
-        s[fld] = _detections(r, ["defect"] * len(r) if anomaly else None)
+        s[fld] = _detections(r, ["defect"] * len(r) if anomaly else None, conf)
         if r.image in maps:
             s[f"{fld}_heatmap"] = fo.Heatmap(map=maps[r.image], range=[lo, hi])
             if r.masks is not None:
@@ -156,8 +162,10 @@ def _evaluate_runs(ds, run_fields: dict[str, dict]) -> None:
         )
 
 
-def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None = "test", overwrite: bool = True):
-    """Create (or replace) the persistent FiftyOne dataset ``name``; returns it."""
+def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None = "test", overwrite: bool = True,
+                  conf: float = 0.25):
+    """Create (or replace) the persistent FiftyOne dataset ``name``; returns it.  Detectors' boxes below
+    their run's box confidence (``conf`` where the run chose none) are left out, as in the comparison."""
     header, gt = read_records(gt_path)
     groups = load_runs(runs)
     fo = _import_fiftyone()
@@ -171,10 +179,11 @@ def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None =
     cid = {c: i + 1 for i, c in enumerate(classes)}
     samples = {g.image: _gt_sample(fo, g, data_root, cid) for g in gt}
     run_fields = {}
-    for rname, (_, rh, preds, dirs) in groups.items():
+    for rname, (paths, rh, preds, dirs) in groups.items():
         fld = field_name(rname)
         run_fields[fld] = rh
-        _add_run(fo, samples, fld, rh, preds, dirs)
+        keep = -np.inf if rh.get("kind_of_model") == "anomaly" else run_box_conf(paths[0], rh, conf)
+        _add_run(fo, samples, fld, rh, preds, dirs, keep)
     ds.add_samples(list(samples.values()))
     _evaluate_runs(ds, run_fields)
     ds.info = {"ground_truth": str(gt_path), "runs": {f: h.get("model") for f, h in run_fields.items()}, "fold": fold}
@@ -274,6 +283,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="write the images tagged in the App (missed defect, false alarm) to CSV and stop")
     p.add_argument("--name", required=True)
     p.add_argument("--fold", default="test", help="fold to load ('all' for every fold)")
+    p.add_argument("--conf", type=float, default=0.25,
+                   help="box confidence detectors' boxes are kept at when their run chose none on val (as compare)")
     p.add_argument("--launch", action="store_true")
     p.add_argument("--port", type=int, default=5151)
     p.add_argument("-q", "--quiet", action="store_true")
@@ -288,7 +299,7 @@ def main(args: argparse.Namespace):
     if args.predictions:
         ds = build_predict_dataset(args.name, args.predictions)
     elif args.gt:
-        ds = build_dataset(args.name, args.gt, args.runs, None if args.fold == "all" else args.fold)
+        ds = build_dataset(args.name, args.gt, args.runs, None if args.fold == "all" else args.fold, conf=args.conf)
     else:
         raise ConfigError("pass --gt (with --runs) for a test-fold review, or --predictions for predict outputs")
     print(f"FiftyOne dataset {args.name!r}: {len(ds)} samples, {len(ds.get_field_schema())} fields")

@@ -424,3 +424,14 @@ def test_data_is_the_conversion_folder_or_its_yolo_data_yaml_for_both_trainers(t
     assert conversion_folder(conv / "yolo" / "data.yaml") == conv and conversion_folder(conv) == conv
     assert data_for({"task": "detect"}, conv) == conv / "yolo" / "data.yaml"
     assert data_for({"task": "detect"}, conv / "yolo" / "data.yaml") == conv / "yolo" / "data.yaml"
+
+
+def test_a_cascade_segments_the_boxes_its_detector_keeps_highest_first_at_most_max_det():
+    from defectkit.finetune.sam_cascade import prompt_boxes
+
+    scores = [0.1, 0.5, 0.3, 0.05, 0.3]
+    # by hand: >= 0.1 are boxes 0, 1, 2, 4; highest first (ties in their order): 1, 2, 4, 0
+    assert prompt_boxes(scores, 0.1, None).tolist() == [1, 2, 4, 0]
+    assert prompt_boxes(scores, 0.1, 2).tolist() == [1, 2]
+    assert prompt_boxes(scores, -np.inf, 3).tolist() == [1, 2, 4]  # an anomaly model's regions: all pass
+    assert prompt_boxes([], 0.25).tolist() == []
