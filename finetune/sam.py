@@ -107,7 +107,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "val fold's F1 curve, in its deploy.json; 0.25 when it has none)")
     p.add_argument("--cascade-max-det", type=int, default=MAX_DET, metavar="N",
                    help="the most boxes per image a cascade segments, highest confidence first (Ultralytics' "
-                        "max_det)")
+                        "max_det); scored, the rest keep their box as the mask; deployed, only boxes >= the "
+                        "cascade confidence are segmented")
     p.add_argument("--cache-dir", type=Path, default=WORK / "cache" / "sam", help="image-embedding cache folder")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)

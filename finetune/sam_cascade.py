@@ -11,7 +11,7 @@ import numpy as np
 from defectkit.converters.canonical import make_header, read_records, write_records
 from defectkit.converters.instances import iou_dice
 from defectkit.core.errors import DataError
-from defectkit.finetune.sam_eval import predict, to_records
+from defectkit.finetune.sam_eval import fill_boxes, predict, to_records
 from defectkit.review.detection import coco_evaluate
 from defectkit.review.metrics import mean_defined, pixel_metrics
 from defectkit.review.predictions import agnostic, deploy_threshold, find_prediction_files, pixel_score_map
@@ -34,12 +34,22 @@ MAX_DET = 30
 
 def prompt_boxes(scores, conf: float, max_det: int | None = MAX_DET) -> np.ndarray:
     """Indices of the boxes a cascade segments: confidence >= ``conf``, highest first, at most ``max_det``
-    (``None``: all).  An untrained detector's val-chosen confidence can be ~0.01, where it gives ~50 boxes
-    an image, each one an encoder pass with ``--crop``: what the cascade keeps, it segments, no more."""
+    (``None``: all).  A detector's predictions file holds up to 300 boxes an image down to confidence 0.001
+    (Ultralytics' val settings), each one an encoder pass with ``--crop``: the cap keeps SAM's work bounded."""
     s = np.asarray(scores, float).reshape(-1)
     idx = np.flatnonzero(s >= conf)
     idx = idx[np.argsort(-s[idx], kind="stable")]
     return idx if max_det is None else idx[:max_det]
+
+
+def with_box_masks(prompted: tuple, boxes, hw) -> tuple:
+    """:func:`~defectkit.finetune.sam_eval.predict`'s ``(masks, probabilities, confidences)`` for the first
+    ``len(masks)`` of ``boxes`` (the prompted ones), completed for the others with each box, filled, as its
+    mask (probability 1 inside, confidence 1)."""
+    masks, prob, conf = prompted
+    rest = fill_boxes(np.asarray(boxes).reshape(-1, 4)[len(masks):], hw)
+    return (np.concatenate([masks, rest]), np.concatenate([prob, rest.astype(np.float32)]),
+            np.concatenate([conf, np.ones(len(rest))]))
 
 
 @dataclass(frozen=True)
@@ -86,14 +96,20 @@ def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig
     by_image = {r.image: r for r in ypreds}
     none = ([], np.zeros((0, 4)), np.zeros(0))
 
-    def kept(r):  # the boxes the cascade segments (an anomaly model's regions all pass its -inf)
-        scores = r.scores if r.scores is not None else np.ones(len(r))
-        i = prompt_boxes(scores, conf, cfg.max_det)
-        return [r.labels[k] for k in i], np.asarray(r.boxes_xyxy).reshape(-1, 4)[i], np.asarray(scores)[i]
+    def ordered(r):  # every box, the max_det most confident first: SAM segments those (whatever their confidence,
+        # so that mask AP ranks SAM's masks as box AP ranks the boxes); the rest keep their box as the mask
+        scores = np.asarray(r.scores if r.scores is not None else np.ones(len(r)), float)
+        i = prompt_boxes(scores, -np.inf, cfg.max_det)
+        order = np.concatenate([i, np.setdiff1d(np.arange(len(scores)), i)]).astype(int)
+        return [r.labels[k] for k in order], np.asarray(r.boxes_xyxy).reshape(-1, 4)[order], scores[order], len(i)
 
-    meta = [kept(r) if (r := by_image.get(it.record.image)) is not None else none for it in test_items]
-    boxes_by_item = {id(it): m[1] for it, m in zip(test_items, meta, strict=True)}
-    preds = predict(sam, test_items, cache, device, lambda it: boxes_by_item[id(it)], cfg.crop)
+    full = [ordered(r) if (r := by_image.get(it.record.image)) is not None else (*none, 0) for it in test_items]
+    meta = [m[:3] for m in full]
+    prompts = {id(it): boxes[:n] for it, (_l, boxes, _s, n) in zip(test_items, full, strict=True)}
+    prompted = predict(sam, test_items, cache, device, lambda it: prompts[id(it)], cfg.crop)
+    # the records hold every detection, so the image score is the detector's own; pixel IoU counts the boxes
+    # at or above the cascade's confidence (the ones a deployed cascade segments)
+    preds = [with_box_masks(p, m[1], it.hw) for it, p, m in zip(test_items, prompted, meta, strict=True)]
     recs = to_records(test_items, preds, meta)
     extra = {"kind_of_model": "anomaly", "note": f"{yh['model']} regions (thresholded on its val fold) as "
              "prompts; mask scores are its raw map values"} if anomaly else {}

@@ -74,11 +74,18 @@ def box_as_mask(items) -> list:
     (in :func:`predict`'s form, for :func:`instance_scores`)."""
     out = []
     for it in items:
-        m = np.zeros((len(it.boxes), *it.hw), bool)
-        for j, (x0, y0, x1, y1) in enumerate(np.asarray(it.boxes, float)):
-            m[j, int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
+        m = fill_boxes(it.boxes, it.hw)
         out.append((m, m.astype(np.float32), np.ones(len(m))))
     return out
+
+
+def fill_boxes(boxes, hw) -> np.ndarray:
+    """``(N, H, W)`` bool: each box, filled (outward to whole pixels), as a mask."""
+    b = np.asarray(boxes, float).reshape(-1, 4)
+    m = np.zeros((len(b), *hw), bool)
+    for j, (x0, y0, x1, y1) in enumerate(b):
+        m[j, int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
+    return m
 
 
 def to_records(items, preds, classes_of):

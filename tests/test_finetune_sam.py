@@ -435,3 +435,16 @@ def test_a_cascade_segments_the_boxes_its_detector_keeps_highest_first_at_most_m
     assert prompt_boxes(scores, 0.1, 2).tolist() == [1, 2]
     assert prompt_boxes(scores, -np.inf, 3).tolist() == [1, 2, 4]  # an anomaly model's regions: all pass
     assert prompt_boxes([], 0.25).tolist() == []
+
+
+def test_boxes_a_cascade_does_not_prompt_keep_their_box_as_the_mask():
+    from defectkit.finetune.sam_cascade import with_box_masks
+
+    sam_mask = np.zeros((1, 4, 5), bool)
+    sam_mask[0, 1, 1] = True
+    boxes = [[1, 1, 2, 2], [0.5, 2, 3, 3.2]]  # the second was not prompted: filled outward to whole pixels
+    masks, prob, conf = with_box_masks((sam_mask, sam_mask.astype(np.float32), np.array([0.7])), boxes, (4, 5))
+    assert masks.shape == (2, 4, 5) and masks[0].sum() == 1
+    # by hand: rows 2..3 (floor 2, ceil 3.2 = 4) x columns 0..2 (floor 0.5 = 0, ceil 3) -> 6 pixels
+    assert masks[1].sum() == 6 and masks[1, 2:4, 0:3].all()
+    assert conf.tolist() == [0.7, 1.0] and prob[1].max() == 1.0
