@@ -101,23 +101,69 @@ def pytest_configure(config):
         cv2.setNumThreads(1)
 
 
+def _starts_fiftyone(source: str) -> bool:
+    """A test whose source (decorators included) names FiftyOne or the App page starts FiftyOne's database
+    (``make demo``'s last stage does: its test is marked ``fiftyone`` by hand)."""
+    return any(k in source.lower() for k in ("fiftyone", "app_page"))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that start FiftyOne's database are marked ``fiftyone`` (found by name in the test's source, or
-    marked by hand: ``make demo``'s last stage, for one); :func:`one_fiftyone_at_a_time` serialises them."""
+    """Tests that start FiftyOne's database are marked ``fiftyone``; :func:`one_fiftyone_at_a_time`
+    serialises them."""
     import inspect
 
+    scheduled = _fiftyone_test_ids(REPO / "tests")
     for item in items:
         fn = getattr(item, "function", None)
-        if fn is not None and any(k in inspect.getsource(fn).lower() for k in ("fiftyone", "app_page")):
+        if fn is not None and _starts_fiftyone(inspect.getsource(fn)):
             item.add_marker(pytest.mark.fiftyone)
+            if item.nodeid.split("[")[0] not in scheduled:  # the scheduler's reading of the source missed it
+                raise pytest.UsageError(f"{item.nodeid} starts FiftyOne but the xdist scheduler would not keep it "
+                                        "with the others (tests/conftest.py _fiftyone_test_ids)")
+
+
+def _fiftyone_test_ids(root: Path) -> set[str]:
+    """``path::name`` of every test :func:`_starts_fiftyone` picks, read from the test files' source: xdist's
+    controller schedules by node id and never collects, so it cannot see markers."""
+    import ast
+
+    ids = set()
+    for path in sorted(root.rglob("test_*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        rel = path.relative_to(REPO).as_posix()
+        for node in ast.parse(text).body:
+            for fn, prefix in ([(node, "")] if isinstance(node, ast.FunctionDef) else
+                               [(f, f"{node.name}::") for f in node.body if isinstance(f, ast.FunctionDef)]
+                               if isinstance(node, ast.ClassDef) else []):
+                first = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
+                if fn.name.startswith("test") and _starts_fiftyone("\n".join(lines[first - 1 : fn.end_lineno])):
+                    ids.add(f"{rel}::{prefix}{fn.name}")
+    return ids
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load scheduling, with every FiftyOne test in one work unit: one worker runs them one after
+    the other (their lock then never makes the other worker wait: it waited ~95 s a run when both drew
+    them at once), the rest is shared test by test.  The unit has the most tests, so it is sent first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    together = _fiftyone_test_ids(REPO / "tests")
+
+    class FiftyOneTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "fiftyone" if nodeid.split("[")[0] in together else nodeid
+
+    return FiftyOneTogether(config, log)
 
 
 @pytest.fixture(autouse=True)
 def one_fiftyone_at_a_time(request, tmp_path_factory):
     """Two FiftyOne processes started side by side with different database folders can reach the same
     database service, and one then misses the dataset the other made ("Dataset dk-app not found" in CI):
-    under ``pytest -n N`` the ``fiftyone`` tests take one lock shared by every worker, so they run one after
-    the other.  (A lock, not xdist's ``--dist loadgroup``: with pytest 9 that option no longer groups.)"""
+    under ``pytest -n N`` the ``fiftyone`` tests run on one worker (:func:`pytest_xdist_make_scheduler`) and
+    also take one lock shared by every worker, which holds when a run is scheduled otherwise (``--dist``).
+    (Not xdist's ``--dist loadgroup``: with pytest 9 that option no longer groups.)"""
     if request.node.get_closest_marker("fiftyone") is None:
         yield
         return
