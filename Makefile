@@ -29,6 +29,10 @@ export FIFTYONE_DO_NOT_TRACK := true
 export YOLO_CONFIG_DIR := $(DEFECTKIT_WORK)/ultralytics
 export YOLO_OFFLINE := 1
 export MPLBACKEND := Agg
+# FORCE=1: a stage whose inputs changed trains over its finished run instead of refusing (core/paths.py)
+ifdef FORCE
+export DEFECTKIT_EXIST_OK := 1
+endif
 
 FORMATS ?= yolo,yolo_seg,coco,voc,label_maps
 SCHEME ?= defect

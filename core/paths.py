@@ -23,7 +23,8 @@ def claim_run_dir(run: Path, resume: bool = False, exist_ok: bool = False) -> Pa
     if run.exists() and not run.is_dir():
         raise ConfigError(f"{run}: the run folder is an existing file; pass another --out")
     if (run / "metrics.json").is_file() and not (resume or exist_ok or os.environ.get("DEFECTKIT_EXIST_OK") == "1"):
-        raise ConfigError(f"{run} already holds a finished run (metrics.json): pass --exist-ok to train over it, "
-                          "--resume to continue it, or another --out")
+        under_make = " (through make: FORCE=1 trains over it)" if os.environ.get("MAKELEVEL") else ""
+        raise ConfigError(f"{run} already holds a finished run (metrics.json): pass --exist-ok to train over it"
+                          f"{under_make}, --resume to continue it, or another --out")
     run.mkdir(parents=True, exist_ok=True)
     return run

@@ -11,11 +11,15 @@ from defectkit.review.summary import finish_run
 
 def test_a_finished_run_is_refused_unless_resumed_or_overwritten_on_purpose(tmp_path, monkeypatch):
     monkeypatch.delenv("DEFECTKIT_EXIST_OK", raising=False)
+    monkeypatch.delenv("MAKELEVEL", raising=False)
     run = claim_run_dir(tmp_path / "runs" / "a")  # new: created
     assert run.is_dir()
     assert claim_run_dir(run) == run  # interrupted (no metrics.json): reused, --resume continues it
     (run / "metrics.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"runs/a already holds a finished run.*--exist-ok.*--resume"):
+        claim_run_dir(run)
+    monkeypatch.setenv("MAKELEVEL", "1")  # a make target retraining because its inputs changed
+    with pytest.raises(ConfigError, match=r"--exist-ok to train over it \(through make: FORCE=1 trains over it\)"):
         claim_run_dir(run)
     assert claim_run_dir(run, resume=True) == run and claim_run_dir(run, exist_ok=True) == run
     monkeypatch.setenv("DEFECTKIT_EXIST_OK", "1")  # make ... FORCE=1
