@@ -107,8 +107,7 @@ def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig
     meta = [m[:3] for m in full]
     prompts = {id(it): boxes[:n] for it, (_l, boxes, _s, n) in zip(test_items, full, strict=True)}
     prompted = predict(sam, test_items, cache, device, lambda it: prompts[id(it)], cfg.crop)
-    # the records hold every detection, so the image score is the detector's own; pixel IoU counts the boxes
-    # at or above the cascade's confidence (the ones a deployed cascade segments)
+    # the records hold every detection, so the image score is the detector's own
     preds = [with_box_masks(p, m[1], it.hw) for it, p, m in zip(test_items, prompted, meta, strict=True)]
     recs = to_records(test_items, preds, meta)
     extra = {"kind_of_model": "anomaly", "note": f"{yh['model']} regions (thresholded on its val fold) as "
@@ -130,8 +129,9 @@ def cascade(sam, cache, test_items, gt_test, header, classes, cfg: CascadeConfig
         recs,
     )
     ious, score_maps, gts = [], [], []
-    for it, rec, (masks, _prob, _), (_labels, _boxes, scores) in zip(test_items, recs, preds, meta, strict=True):
-        keep = np.asarray(scores) >= conf
+    for it, rec, (masks, _prob, _), (*_, scores, n) in zip(test_items, recs, preds, full, strict=True):
+        # what a deployed cascade segments: prompted (the first n) and at or above the confidence
+        keep = (np.asarray(scores) >= conf) & (np.arange(len(scores)) < n)
         pred_union = masks[keep].any(0) if keep.any() else np.zeros(it.hw, bool)
         gt_union = it.masks.any(0) if len(it.masks) else np.zeros(it.hw, bool)
         ious.append(iou_dice(pred_union, gt_union)[0])
