@@ -50,6 +50,7 @@ from defectkit.finetune.sam_data import conversion_folder, load_sam_data
 from defectkit.finetune.sam_deploy import write_spec
 from defectkit.finetune.sam_eval import box_as_mask, instance_scores, predict, score_fine_tuned
 from defectkit.finetune.sam_train import SamTrainConfig, fit, synthetic_stage
+from defectkit.review.predictions import DEFAULT_BOX_CONF
 from defectkit.review.summary import finish_run
 
 log = logging.getLogger("defectkit.finetune.sam")
@@ -190,7 +191,7 @@ def _main(args: argparse.Namespace, dist) -> dict:
     gt_test = [r for r in d.gt if r.fold == "test" and (not only or r.category == only)]
     # the anomaly cascade keeps all its regions; the confidence is the YOLO cascade's
     conf, conf_source = (resolve_cascade_conf(args.cascade_conf, args.yolo_predictions) if args.yolo_predictions
-                         else (args.cascade_conf or 0.25, "no YOLO cascade"))
+                         else (args.cascade_conf or DEFAULT_BOX_CONF, "no YOLO cascade"))
     if args.yolo_predictions:
         metrics["cascade"] = cascade(
             sam,

@@ -14,7 +14,13 @@ from defectkit.core.errors import DataError
 from defectkit.finetune.sam_eval import fill_boxes, predict, to_records
 from defectkit.review.detection import coco_evaluate
 from defectkit.review.metrics import mean_defined, pixel_metrics
-from defectkit.review.predictions import agnostic, deploy_threshold, find_prediction_files, pixel_score_map
+from defectkit.review.predictions import (
+    DEFAULT_BOX_CONF,
+    agnostic,
+    deploy_threshold,
+    find_prediction_files,
+    pixel_score_map,
+)
 
 
 def resolve_cascade_conf(conf: float | None, predictions: Path) -> tuple[float, str]:
@@ -25,7 +31,7 @@ def resolve_cascade_conf(conf: float | None, predictions: Path) -> tuple[float, 
     c = deploy_threshold(Path(predictions), "box_conf")
     if c is not None:
         return c, f"{Path(predictions).parent / 'deploy.json'}: the peak of the val fold's box F1"
-    return 0.25, "default 0.25 (the YOLO run has no val-chosen box confidence)"
+    return DEFAULT_BOX_CONF, f"default {DEFAULT_BOX_CONF} (the YOLO run has no val-chosen box confidence)"
 
 
 #: the most boxes per image a cascade prompts SAM with (highest confidence first), as Ultralytics' max_det
@@ -55,7 +61,7 @@ def with_box_masks(prompted: tuple, boxes, hw) -> tuple:
 @dataclass(frozen=True)
 class CascadeConfig:
     predictions: Path  # a predictions file, or a run folder (an anomaly run: one file per category)
-    conf: float = 0.25
+    conf: float = DEFAULT_BOX_CONF
     sam_model: str = "tiny"
     crop: float = 0.0
     out_name: str = "cascade_predictions.jsonl"

@@ -41,7 +41,15 @@ from defectkit.core.cli import HelpFormatter, run_cli
 from defectkit.core.errors import DataError
 from defectkit.review.detection import coco_evaluate, image_auroc
 from defectkit.review.metrics import confusion_at, iou_dice, mean_defined, pixel_metrics
-from defectkit.review.predictions import agnostic, load_runs, pixel_score_map, run_box_conf, run_name, union_mask
+from defectkit.review.predictions import (
+    DEFAULT_BOX_CONF,
+    agnostic,
+    load_runs,
+    pixel_score_map,
+    run_box_conf,
+    run_name,
+    union_mask,
+)
 from defectkit.review.report import write_report
 from defectkit.review.tables import table
 
@@ -74,7 +82,7 @@ def pixel_scores(covered: list[ImageRecord], by_image: dict[str, ImageRecord], d
     return out
 
 
-def score_run(run: tuple, gt: list[ImageRecord], classes: list[str], conf: float = 0.25) -> dict:
+def score_run(run: tuple, gt: list[ImageRecord], classes: list[str], conf: float = DEFAULT_BOX_CONF) -> dict:
     """All metrics of one model (an entry of :func:`load_runs`) against the ground-truth records."""
     paths, header, preds, dirs = run
     path = paths[0]
@@ -85,7 +93,7 @@ def score_run(run: tuple, gt: list[ImageRecord], classes: list[str], conf: float
     out: dict = {"name": run_name(path, header), "files": [str(p) for p in paths], "model": header.get("model"),
                  "images": len(covered), "missing_images": len(gt) - len(covered)}
     # anomaly runs' masks were thresholded on their val fold; their scores are raw map values
-    run_conf = -np.inf if header.get("kind_of_model") == "anomaly" else run_box_conf(path, header, conf)
+    run_conf = run_box_conf(path, header, conf)
     out["conf"] = None if run_conf == -np.inf else run_conf
     out.update(_detection_metrics(covered, preds, classes, header))
     out["image_auroc"] = image_auroc(covered, preds)
@@ -162,7 +170,8 @@ def _detection_metrics(covered, preds, classes, header) -> dict:
     return out
 
 
-def compare(gt_path: Path, runs: list[Path], out: Path, conf: float = 0.25, fold: str | None = "test") -> list[dict]:
+def compare(gt_path: Path, runs: list[Path], out: Path, conf: float = DEFAULT_BOX_CONF,
+            fold: str | None = "test") -> list[dict]:
     """Score ``runs`` on ``fold`` of the ground truth (``None``: every image the runs predicted)."""
     header, gt_all = read_records(gt_path)
     loaded = load_runs(runs)
@@ -196,7 +205,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", type=Path, required=True, help="ground_truth.jsonl of a conversion")
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders or predictions files")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--conf", type=float, default=0.25,
+    p.add_argument("--conf", type=float, default=DEFAULT_BOX_CONF,
                    help="box confidence for runs that chose none on their val fold")
     p.add_argument("-q", "--quiet", action="store_true", help="write the table, do not print it")
     return p

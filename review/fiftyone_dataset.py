@@ -34,7 +34,7 @@ from defectkit.converters.instances import decode_rle
 from defectkit.core.cli import HelpFormatter, run_cli
 from defectkit.core.errors import ConfigError, DataError, DefectkitError
 from defectkit.core.paths import WORK
-from defectkit.review.predictions import load_runs, run_box_conf
+from defectkit.review.predictions import DEFAULT_BOX_CONF, load_runs, run_box_conf
 
 
 class DatabaseError(DefectkitError):
@@ -163,7 +163,7 @@ def _evaluate_runs(ds, run_fields: dict[str, dict]) -> None:
 
 
 def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None = "test", overwrite: bool = True,
-                  conf: float = 0.25):
+                  conf: float = DEFAULT_BOX_CONF):
     """Create (or replace) the persistent FiftyOne dataset ``name``; returns it.  Detectors' boxes below
     their run's box confidence (``conf`` where the run chose none) are left out, as in the comparison."""
     header, gt = read_records(gt_path)
@@ -182,8 +182,7 @@ def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None =
     for rname, (paths, rh, preds, dirs) in groups.items():
         fld = field_name(rname)
         run_fields[fld] = rh
-        keep = -np.inf if rh.get("kind_of_model") == "anomaly" else run_box_conf(paths[0], rh, conf)
-        _add_run(fo, samples, fld, rh, preds, dirs, keep)
+        _add_run(fo, samples, fld, rh, preds, dirs, run_box_conf(paths[0], rh, conf))
     ds.add_samples(list(samples.values()))
     _evaluate_runs(ds, run_fields)
     ds.info = {"ground_truth": str(gt_path), "runs": {f: h.get("model") for f, h in run_fields.items()}, "fold": fold}
@@ -283,7 +282,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="write the images tagged in the App (missed defect, false alarm) to CSV and stop")
     p.add_argument("--name", required=True)
     p.add_argument("--fold", default="test", help="fold to load ('all' for every fold)")
-    p.add_argument("--conf", type=float, default=0.25,
+    p.add_argument("--conf", type=float, default=DEFAULT_BOX_CONF,
                    help="box confidence detectors' boxes are kept at when their run chose none on val (as compare)")
     p.add_argument("--launch", action="store_true")
     p.add_argument("--port", type=int, default=5151)

@@ -113,10 +113,16 @@ def run_threshold(path: Path, header: dict) -> float | None:
     return deploy_threshold(path, "image")
 
 
-def run_box_conf(path: Path, header: dict, default: float) -> float:
-    """The box confidence a detector's masks and boxes are kept at: the one its run chose on the val fold
+#: the box confidence a detector's boxes are kept at when its run chose none on the val fold (``--conf``)
+DEFAULT_BOX_CONF = 0.25
+
+
+def run_box_conf(path: Path, header: dict, default: float = DEFAULT_BOX_CONF) -> float:
+    """The box confidence a run's masks and boxes are kept at: the one its run chose on the val fold
     (the cascade's header ``box_conf``; a YOLO run's ``deploy.json`` ``thresholds.box_conf``), else
-    ``default`` (``--conf``)."""
+    ``default`` (``--conf``); ``-inf`` for an anomaly run (its regions were thresholded already)."""
+    if header.get("kind_of_model") == "anomaly":
+        return -np.inf
     if header.get("box_conf") is not None:
         return float(header["box_conf"])
     c = deploy_threshold(path, "box_conf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -107,24 +108,11 @@ def _starts_fiftyone(source: str) -> bool:
     return any(k in source.lower() for k in ("fiftyone", "app_page"))
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests that start FiftyOne's database are marked ``fiftyone``; :func:`one_fiftyone_at_a_time`
-    serialises them."""
-    import inspect
-
-    scheduled = _fiftyone_test_ids(REPO / "tests")
-    for item in items:
-        fn = getattr(item, "function", None)
-        if fn is not None and _starts_fiftyone(inspect.getsource(fn)):
-            item.add_marker(pytest.mark.fiftyone)
-            if item.nodeid.split("[")[0] not in scheduled:  # the scheduler's reading of the source missed it
-                raise pytest.UsageError(f"{item.nodeid} starts FiftyOne but the xdist scheduler would not keep it "
-                                        "with the others (tests/conftest.py _fiftyone_test_ids)")
-
-
-def _fiftyone_test_ids(root: Path) -> set[str]:
-    """``path::name`` of every test :func:`_starts_fiftyone` picks, read from the test files' source: xdist's
-    controller schedules by node id and never collects, so it cannot see markers."""
+@functools.cache
+def _fiftyone_test_ids(root: Path = REPO / "tests") -> frozenset[str]:
+    """``path::name`` of every test :func:`_starts_fiftyone` picks, read from the test files' source once: the
+    workers mark those tests, and xdist's controller, which schedules by node id and never collects, keeps
+    them together."""
     import ast
 
     ids = set()
@@ -139,7 +127,15 @@ def _fiftyone_test_ids(root: Path) -> set[str]:
                 first = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
                 if fn.name.startswith("test") and _starts_fiftyone("\n".join(lines[first - 1 : fn.end_lineno])):
                     ids.add(f"{rel}::{prefix}{fn.name}")
-    return ids
+    return frozenset(ids)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start FiftyOne's database are marked ``fiftyone``; :func:`one_fiftyone_at_a_time`
+    serialises them."""
+    for item in items:
+        if item.nodeid.split("[")[0] in _fiftyone_test_ids():
+            item.add_marker(pytest.mark.fiftyone)
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -148,11 +144,9 @@ def pytest_xdist_make_scheduler(config, log):
     them at once), the rest is shared test by test.  The unit has the most tests, so it is sent first."""
     from xdist.scheduler import LoadScopeScheduling
 
-    together = _fiftyone_test_ids(REPO / "tests")
-
     class FiftyOneTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "fiftyone" if nodeid.split("[")[0] in together else nodeid
+            return "fiftyone" if nodeid.split("[")[0] in _fiftyone_test_ids() else nodeid
 
     return FiftyOneTogether(config, log)
 
