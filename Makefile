@@ -117,36 +117,43 @@ $(STAMP): requirements.lock pyproject.toml
 # Each stage prints one start line and one end line (elapsed time, headline figure); in a log, progress
 # bars become periodic single lines (review/stage.py).  Nothing is filtered: a failing stage fails the demo.
 STAGE = $(PY) -m defectkit.review.stage
-# Stages 3 and 4 do not depend on each other: with SIDE_BY_SIDE=1 (default) they run at once, one core each
-# (every output line tagged [anomaly] / [yolo]), and the demo waits for both; SIDE_BY_SIDE=0 runs them in turn
+# Stages 3-5 train three models that do not depend on each other.  With SIDE_BY_SIDE=1 (default) the anomaly
+# model and then SAM train on one core beside YOLO on the other (every output line tagged [anomaly] / [sam] /
+# [yolo]); the cascades (stage 6) wait for all three.  The thread counts are fixed, not handed over when a
+# lane finishes: a thread count is part of a run's floating-point result, so the same seed gives the same
+# figures every time.  SIDE_BY_SIDE=0 runs them in turn, each on every core.
 SIDE_BY_SIDE ?= 1
-STAGE_3 = $(STAGE) --step 3/7 --name "anomaly model ($(MODEL)), good images only" --headline anomaly:$(ANOMALY_RUN)
-STAGE_4 = $(STAGE) --step 4/7 --name "YOLO ($(YOLO_MODEL)) on the converted labels" --headline yolo:$(YOLO_RUN)/metrics.json
+STAGE_3 = $(STAGE) --step 3/8 --name "anomaly model ($(MODEL)), good images only" --headline anomaly:$(ANOMALY_RUN)
+STAGE_4 = $(STAGE) --step 4/8 --name "YOLO ($(YOLO_MODEL)) on the converted labels" --headline yolo:$(YOLO_RUN)/metrics.json
+STAGE_5 = $(STAGE) --step 5/8 --name "SAM ($(SAM_MODEL)) prompted by the ground-truth boxes" --headline sam:$(SAM_RUN)/metrics.json
 ifeq ($(SIDE_BY_SIDE),1)
-STAGE_34 = $(STAGE_3) --prefix "[anomaly] " -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done ANOMALY_THREADS=1 \
-	RECIPES=$(DEMO_RECIPES) & a=$$!; \
+STAGE_345 = { $(STAGE_3) --prefix "[anomaly] " -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done ANOMALY_THREADS=1 \
+	RECIPES=$(DEMO_RECIPES) && \
+	$(STAGE_5) --prefix "[sam] " -- $(MAKE) --no-print-directory $(SAM_RUN)/.trained SAM_THREADS=1 RECIPES=$(DEMO_RECIPES); \
+	} & a=$$!; \
 	$(STAGE_4) --prefix "[yolo] " -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json YOLO_THREADS=1 \
 	RECIPES=$(DEMO_RECIPES) & y=$$!; \
 	ra=0; ry=0; wait $$a || ra=$$?; wait $$y || ry=$$?; test $$ra = 0 && test $$ry = 0
 else
-STAGE_34 = $(STAGE_3) -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done RECIPES=$(DEMO_RECIPES) && \
-	$(STAGE_4) -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json RECIPES=$(DEMO_RECIPES)
+STAGE_345 = $(STAGE_3) -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done RECIPES=$(DEMO_RECIPES) && \
+	$(STAGE_4) -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json RECIPES=$(DEMO_RECIPES) && \
+	$(STAGE_5) -- $(MAKE) --no-print-directory $(SAM_RUN)/.trained RECIPES=$(DEMO_RECIPES)
 endif
-# CPU threads of a training stage (default: every core); the demo gives one each to stages run side by side
+# CPU threads of a training stage (default: every core); the demo gives one each to the lanes side by side
 ANOMALY_THREADS ?=
 YOLO_THREADS ?=
+SAM_THREADS ?=
 demo: setup
-	@$(STAGE) --step 1/7 --name "data: index, validate, statistics, split" --headline manifest:$(MANIFEST) -- \
+	@$(STAGE) --step 1/8 --name "data: index, validate, statistics, split" --headline manifest:$(MANIFEST) -- \
 		$(PY) -m defectkit.datasets demo $(DATA_ARGS) -q
-	@$(STAGE) --step 2/7 --name "convert masks to labels" --headline fidelity:$(CONVERTED) -- \
+	@$(STAGE) --step 2/8 --name "convert masks to labels" --headline fidelity:$(CONVERTED) -- \
 		$(MAKE) --no-print-directory $(CONVERTED)
-	@$(STAGE_34)
-	@$(STAGE) --step 5/7 --name "SAM ($(SAM_MODEL)) mask decoder, the YOLO->SAM and $(MODEL)->SAM cascades" \
-		--headline sam:$(SAM_RUN)/metrics.json -- $(MAKE) --no-print-directory $(SAM_RUN)/metrics.json \
-		RECIPES=$(DEMO_RECIPES)
-	@$(STAGE) --step 6/7 --name "comparison on the test fold" --headline compare:$(COMPARE_DIR)/comparison.json -- \
+	@$(STAGE_345)
+	@$(STAGE) --step 6/8 --name "the YOLO->SAM and $(MODEL)->SAM cascades" --headline sam:$(SAM_RUN)/metrics.json -- \
+		$(MAKE) --no-print-directory $(SAM_RUN)/.cascades RECIPES=$(DEMO_RECIPES)
+	@$(STAGE) --step 7/8 --name "comparison on the test fold" --headline compare:$(COMPARE_DIR)/comparison.json -- \
 		$(PY) -m defectkit.review.compare --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --out $(COMPARE_DIR) -q
-	@$(STAGE) --step 7/7 --name "FiftyOne dataset" -- \
+	@$(STAGE) --step 8/8 --name "FiftyOne dataset" -- \
 		$(PY) -m defectkit.review.fiftyone_dataset --gt $(CONV_DIR)/ground_truth.jsonl --runs $(RUNS) --name $(APP_NAME)
 	@echo
 	@cat $(COMPARE_DIR)/comparison.md
@@ -169,9 +176,15 @@ $(YOLO_RUN)/metrics.json: $(CONVERTED)
 	$(PY) finetune/yolo.py --data $(CONV_DIR)/yolo/data.yaml --model $(YOLO_MODEL) $(YOLO_ARGS) \
 		$(if $(YOLO_THREADS),--threads $(YOLO_THREADS)) --out $(YOLO_RUN)
 
-$(SAM_RUN)/metrics.json: $(CONVERTED) $(YOLO_RUN)/metrics.json $(ANOMALY_RUN)/.done
-	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) \
+# SAM trains on the conversion alone; its cascades then add the YOLO and anomaly runs' predictions to it
+$(SAM_RUN)/.trained: $(CONVERTED)
+	$(if $(SAM_THREADS),OMP_NUM_THREADS=$(SAM_THREADS)) $(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --out $(SAM_RUN)
+	touch $@
+
+$(SAM_RUN)/.cascades: $(SAM_RUN)/.trained $(YOLO_RUN)/metrics.json $(ANOMALY_RUN)/.done
+	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --score-only \
 		--yolo-predictions $(YOLO_RUN)/predictions.jsonl --anomaly-predictions $(ANOMALY_RUN) --out $(SAM_RUN)
+	touch $@
 
 # Use a trained run: RUN=<run folder> (an anomaly category folder or a YOLO run), IMAGES=<folder or glob>
 RUN ?= $(ANOMALY_RUN)/$(firstword $(subst all,,$(CATEGORY)) washer)

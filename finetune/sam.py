@@ -41,13 +41,15 @@ from pathlib import Path
 
 from defectkit.core.cli import HelpFormatter, run_cli
 from defectkit.core.config import apply_defaults, recipe, rename_flag
+from defectkit.core.deploy_spec import read_deploy_spec
 from defectkit.core.distributed import process_group
+from defectkit.core.errors import ConfigError
 from defectkit.core.paths import WORK, claim_run_dir
 from defectkit.core.training import resolve_device, share_time, write_run_args
 from defectkit.finetune.sam_cascade import MAX_DET, CascadeConfig, cascade, resolve_cascade_conf
 from defectkit.finetune.sam_core import MODEL_NAMES, EmbeddingCache, load_sam
 from defectkit.finetune.sam_data import conversion_folder, load_sam_data
-from defectkit.finetune.sam_deploy import write_spec
+from defectkit.finetune.sam_deploy import load_sam_run, write_spec
 from defectkit.finetune.sam_eval import box_as_mask, instance_scores, predict, score_fine_tuned
 from defectkit.finetune.sam_train import SamTrainConfig, fit, synthetic_stage
 from defectkit.review.predictions import DEFAULT_BOX_CONF
@@ -115,6 +117,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run folder (default work/runs/sam/<data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue <out>/last.pt")
+    p.add_argument("--score-only", action="store_true",
+                   help="no training: add the cascades given now (--yolo-predictions, --anomaly-predictions) to the "
+                        "finished run in --out, with its own trained weights and settings (make demo trains SAM "
+                        "beside YOLO, then runs the cascades on YOLO's predictions)")
     p.add_argument("--exist-ok", action="store_true", help="train over a finished run in --out (default: refused)")
     p.add_argument("-q", "--quiet", action="store_true")
     # spellings of 0.2, where --augment and --cache meant other things than in the other commands
@@ -139,6 +145,8 @@ def _main(args: argparse.Namespace, dist) -> dict:
     device = dist.device
     conv = conversion_folder(args.data, args.category)
     only = None if args.category in (None, "all") else args.category  # None: every category of the conversion
+    if args.score_only:
+        return _add_cascades(args, conv, only, dist) if dist.is_main else {}
     d = load_sam_data(conv, only, args.augment_copies, cfg.seed)
     run = claim_run_dir((args.out or WORK / "runs" / "sam" / f"{conv.name}-{cfg.model}").resolve(), cfg.resume,
                         args.exist_ok)
@@ -188,31 +196,60 @@ def _main(args: argparse.Namespace, dist) -> dict:
     if cfg.model == "tiny":
         how = "encoder included" if cfg.train_encoder else "with a random frozen encoder"
         metrics["note"] = f"tiny SAM (2-block ViT) trained from scratch, {how}: not SAM's results"
+    conf = _cascades(args, metrics, sam, cache, d, only, label, cfg.crop, run, device)
+    write_spec(run, args, key, Path(args.yolo_predictions).resolve().parent if args.yolo_predictions else None,
+               conf, args.cascade_max_det)  # what predict on new images uses
+    metrics = finish_run(run, "sam", metrics)
+    _print(metrics, run)
+    return metrics
+
+
+def _cascades(args, metrics: dict, sam, cache, d, only, label: str, crop: float, run: Path, device) -> float:
+    """The YOLO -> SAM and anomaly -> SAM cascades asked for, into ``metrics``; returns the box confidence."""
     gt_test = [r for r in d.gt if r.fold == "test" and (not only or r.category == only)]
     # the anomaly cascade keeps all its regions; the confidence is the YOLO cascade's
     conf, conf_source = (resolve_cascade_conf(args.cascade_conf, args.yolo_predictions) if args.yolo_predictions
                          else (args.cascade_conf or DEFAULT_BOX_CONF, "no YOLO cascade"))
     if args.yolo_predictions:
         metrics["cascade"] = cascade(
-            sam,
-            cache,
-            d.test,
-            gt_test,
-            d.header,
-            d.classes,
-            CascadeConfig(args.yolo_predictions, conf, label, cfg.crop, max_det=args.cascade_max_det),
-            run,
-            device,
+            sam, cache, d.test, gt_test, d.header, d.classes,
+            CascadeConfig(args.yolo_predictions, conf, label, crop, max_det=args.cascade_max_det), run, device,
         ) | {"cascade_conf_source": conf_source}
     if args.anomaly_predictions:
         metrics["anomaly_cascade"] = cascade(
             sam, cache, d.test, gt_test, d.header, d.classes,
-            CascadeConfig(args.anomaly_predictions, conf, label, cfg.crop,
+            CascadeConfig(args.anomaly_predictions, conf, label, crop,
                           "cascade_anomaly_predictions.jsonl", args.cascade_max_det),
             run, device,
         )
-    write_spec(run, args, key, Path(args.yolo_predictions).resolve().parent if args.yolo_predictions else None,
-               conf, args.cascade_max_det)  # what predict on new images uses
+    return conf
+
+
+def _add_cascades(args: argparse.Namespace, conv: Path, only: str | None, dist) -> dict:
+    """``--score-only``: the finished run in ``--out`` (its deploy.json, best.pt, metrics.json) gets the
+    cascades given now; its training record and test-fold scores are kept as they are."""
+    import json
+
+    run = (args.out or WORK / "runs" / "sam" / f"{conv.name}-{args.model}").resolve()
+    if not (run / "metrics.json").is_file():
+        raise ConfigError(f"{run}: no finished SAM run to score (metrics.json missing); train it first, "
+                          "without --score-only")
+    spec = read_deploy_spec(run, ["sam", "sam_cascade"], "train the run first, without --score-only")
+    sam, cache = load_sam_run(run, spec, dist.device)
+    # as after training: a trained encoder's embeddings are computed live, in float32 (a frozen one's are
+    # cached in float16, sam_core.EmbeddingCache), so the cascades score exactly as in one run
+    trained_args = run / "run_args.json"
+    cache.live = bool(json.loads(trained_args.read_text()).get("train_encoder")) if trained_args.is_file() else False
+    s = spec["sam"]
+    prior = json.loads((run / "metrics.json").read_text())
+    metrics = {k: v for k, v in prior.items() if k not in ("cascade", "anomaly_cascade", "family", "protocol")}
+    pre = prior.get("synthetic_pretrain")
+    label = f"{s['model']} (synthetic pretrain {pre['images']})" if pre else s["model"]
+    d = load_sam_data(conv, only, 0, s["seed"])
+    conf = _cascades(args, metrics, sam, cache, d, only, label, s.get("crop", 0.0), run, dist.device)
+    write_spec(run, argparse.Namespace(**s), spec["base"],
+               Path(args.yolo_predictions).resolve().parent if args.yolo_predictions else None,
+               conf, args.cascade_max_det)
     metrics = finish_run(run, "sam", metrics)
     _print(metrics, run)
     return metrics

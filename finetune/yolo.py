@@ -129,6 +129,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="Ultralytics' nominal batch: gradients are accumulated over nbs/batch batches per optimizer step; "
         "--nbs equal to --batch steps after every batch (small data on a CPU: 8x the optimizer steps at batch 8)",
     )
+    p.add_argument("--val-begin", type=int, default=1, metavar="EPOCH",
+                   help="validate from this epoch on (MMEngine's val_begin; the last epoch always is): the epochs "
+                        "before it are never chosen as best.pt and cost no validation time")
     p.add_argument("--warmup-epochs", type=float, default=3.0, help="Ultralytics' warmup (lr and accumulation ramp)")
     p.add_argument(
         "--augment",

@@ -63,6 +63,7 @@ class YoloConfig:
     close_mosaic: int = 10
     nbs: int = 64
     warmup_epochs: float = 3.0
+    val_begin: int = 1  # the first epoch validated (MMEngine's val_begin); the last one always is
     time: float | None = None  # hours (Ultralytics' time=: overrides epochs)
     augment: bool = True
     cache: bool = False
@@ -286,11 +287,35 @@ def train(cfg: YoloConfig, spec: dict, data_yaml: Path, run_dir: Path, source: s
     last = run_dir / "weights" / "last.pt"
     if cfg.resume:
         model = cls(str(require_resumable(last)))
+        validate_from(model, cfg.val_begin)
         train_or_explain(model, resume=True, trainer=trainer)
         return model
     model = cls(source)
+    validate_from(model, cfg.val_begin)
     train_or_explain(model, trainer=trainer, **train_overrides(cfg, data_yaml, run_dir, source))
     return model
+
+
+def validate_from(model, first: int) -> None:
+    """Ultralytics validates after every epoch (or, with ``val=False``, after the last only): validate from
+    epoch ``first`` on (1-based; the last epoch and Ultralytics' early-stopping checks always validate).
+    Earlier epochs are never chosen as ``best.pt``; a from-scratch run saves their validation time.  Set after
+    every epoch, also when 1: a resumed run restores ``val`` as it was saved, i.e. False before ``first``.
+
+    A validation draws one number from Python's ``random`` per val image (Ultralytics' ``Format`` transform,
+    its ``bgr`` draw, in this process when the loader has no workers), which the next epochs' augmentation
+    then continues from: a skipped validation makes the same draws, so the schedule changes the time a run
+    takes and never its training."""
+    import random
+
+    def on_epoch_end(trainer) -> None:
+        trainer.args.val = trainer.epoch + 1 >= first
+        loader = getattr(trainer, "test_loader", None)
+        if not trainer.args.val and loader is not None and loader.num_workers == 0:
+            for _ in range(len(loader.dataset)):
+                random.uniform(0, 1)
+
+    model.add_callback("on_train_epoch_end", on_epoch_end)
 
 
 def train_or_explain(model, **kw) -> None:

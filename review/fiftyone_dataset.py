@@ -97,7 +97,7 @@ def _import_fiftyone():
     return fo
 
 
-def _gt_sample(fo, g: ImageRecord, data_root: Path, cid: dict[str, int]):
+def _gt_sample(fo, g: ImageRecord, data_root: Path, cid: dict[str, int], images: dict):
     s = fo.Sample(
         filepath=str(data_root / g.image),
         tags=[g.fold or "", g.defect_type or ""],
@@ -110,14 +110,14 @@ def _gt_sample(fo, g: ImageRecord, data_root: Path, cid: dict[str, int]):
     if g.masks:
         for m, lab in zip(g.decode_masks(), g.labels, strict=True):
             seg[m] = cid[lab]
-    s["gt_segmentation"] = fo.Segmentation(mask=seg)
+    images.setdefault("gt_segmentation", {})[s.filepath] = fo.Segmentation(mask=seg)
     return s
 
 
 def _add_run(fo, samples: dict, fld: str, header: dict, preds: list[ImageRecord], dirs: dict[str, Path],
-             conf: float = -np.inf) -> None:
-    """One run's detections scored at least ``conf``, and for anomaly runs its heatmaps (one value range for
-    the run) and masks."""
+             images: dict, conf: float = -np.inf) -> None:
+    """One run's detections scored at least ``conf`` into ``samples``, and for anomaly runs its heatmaps (one
+    value range for the run) and masks into ``images`` ({field: {filepath: label}}, set by the caller)."""
     anomaly = header.get("kind_of_model") == "anomaly"
     maps = {
         r.image: np.load(dirs[r.image] / r.anomaly_map).astype(np.float32)
@@ -132,12 +132,12 @@ def _add_run(fo, samples: dict, fld: str, header: dict, preds: list[ImageRecord]
             continue
         s[fld] = _detections(r, ["defect"] * len(r) if anomaly else None, conf)
         if r.image in maps:
-            s[f"{fld}_heatmap"] = fo.Heatmap(map=maps[r.image], range=[lo, hi])
+            images.setdefault(f"{fld}_heatmap", {})[s.filepath] = fo.Heatmap(map=maps[r.image], range=[lo, hi])
             if r.masks is not None:
                 union = np.zeros((r.height, r.width), np.uint8)
                 for rle in r.masks:
                     union[decode_rle(rle)] = 1
-                s[f"{fld}_mask"] = fo.Segmentation(mask=union)
+                images.setdefault(f"{fld}_mask", {})[s.filepath] = fo.Segmentation(mask=union)
 
 
 def _evaluate_runs(ds, run_fields: dict[str, dict]) -> None:
@@ -177,14 +177,19 @@ def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None =
     ds = fo.Dataset(name, persistent=True)
     ds.default_mask_targets = {i + 1: c for i, c in enumerate(classes)}
     cid = {c: i + 1 for i, c in enumerate(classes)}
-    samples = {g.image: _gt_sample(fo, g, data_root, cid) for g in gt}
+    # image-sized labels (segmentations, heatmaps) are set after the evaluations: FiftyOne re-serializes (zlib)
+    # every array of a sample each time an evaluation saves it, 24 of the demo's 33 s
+    images: dict[str, dict] = {}
+    samples = {g.image: _gt_sample(fo, g, data_root, cid, images) for g in gt}
     run_fields = {}
     for rname, (paths, rh, preds, dirs) in groups.items():
         fld = field_name(rname)
         run_fields[fld] = rh
-        _add_run(fo, samples, fld, rh, preds, dirs, run_box_conf(paths[0], rh, conf))
+        _add_run(fo, samples, fld, rh, preds, dirs, images, run_box_conf(paths[0], rh, conf))
     ds.add_samples(list(samples.values()))
     _evaluate_runs(ds, run_fields)
+    for fld, by_path in images.items():
+        ds.set_values(fld, by_path, key_field="filepath")
     ds.info = {"ground_truth": str(gt_path), "runs": {f: h.get("model") for f, h in run_fields.items()}, "fold": fold}
     ds.save()
     return ds
@@ -206,6 +211,7 @@ def build_predict_dataset(name: str, outputs: list[Path], band_views: bool = Tru
         fo.delete_dataset(name)
     ds = fo.Dataset(name, persistent=True)
     samples: dict[str, object] = {}
+    images: dict[str, dict] = {}
     first = None
     for rname, (paths, rh, preds, dirs) in groups.items():
         if "run_kind" not in rh:
@@ -216,7 +222,7 @@ def build_predict_dataset(name: str, outputs: list[Path], band_views: bool = Tru
         for r in preds:
             if r.image not in samples:
                 samples[r.image] = fo.Sample(filepath=str(root / r.image), tags=[])
-        _add_run(fo, samples, fld, rh, preds, dirs)
+        _add_run(fo, samples, fld, rh, preds, dirs, images)
         for r in preds:
             s = samples[r.image]
             s[f"{fld}_decision"] = r.decision
@@ -224,6 +230,8 @@ def build_predict_dataset(name: str, outputs: list[Path], band_views: bool = Tru
             if fld == first:
                 s.tags = [r.decision.lower()] + (["uncertain"] if r.uncertain else [])
     ds.add_samples(list(samples.values()))
+    for fld, by_path in images.items():
+        ds.set_values(fld, by_path, key_field="filepath")
     ds.save_view("NG", ds.match_tags("ng"))
     ds.save_view("uncertain, review first", ds.match_tags("uncertain").sort_by(F(f"{first}_score"), reverse=True))
     ds.info = {"predict_outputs": [str(p) for p in outputs], "models": list(groups), "review_tags": list(REVIEW_TAGS)}

@@ -18,7 +18,7 @@ TINY = {
 }
 
 
-STAGES = ["data", "convert", "anomaly model", "YOLO", "SAM", "comparison", "FiftyOne"]
+STAGES = ["data", "convert", "anomaly model", "YOLO", "SAM", "the YOLO->SAM", "comparison", "FiftyOne"]
 
 
 def _make(work: Path, *extra: str, **overrides: str) -> subprocess.CompletedProcess:
@@ -43,12 +43,12 @@ def test_make_demo_runs_every_stage_and_a_failing_stage_fails_it(tmp_path):
     lines = out.splitlines()
     assert max(map(len, lines)) <= 500, max(lines, key=len)[:600]  # no carriage-return bar piled into one line
     for i, name in enumerate(STAGES, start=1):
-        mine = [(k, line) for k, line in enumerate(lines) if line.startswith(f"== [{i}/7] {name}")]
+        mine = [(k, line) for k, line in enumerate(lines) if line.startswith(f"== [{i}/8] {name}")]
         starts = [k for k, line in mine if line.endswith(": started")]
         ends = [k for k, line in mine if ": done in " in line]
         assert len(starts) == 1 and len(ends) == 1 and starts[0] < ends[0], f"stage {i} ({name}) lines missing"
-        assert i == 7 or " - " in lines[ends[0]], f"stage {i} end line has no headline figure"
-    assert "demo done" not in "\n".join(lines[: lines.index(next(x for x in lines if x.startswith("== [7/7]")))])
+        assert i == 8 or " - " in lines[ends[0]], f"stage {i} end line has no headline figure"
+    assert "demo done" not in "\n".join(lines[: lines.index(next(x for x in lines if x.startswith("== [8/8]")))])
     assert "Reading existed cache" not in out  # hash embeddings are not announced as CLIP's
     table = (work / "compare" / "defectkit_synth-all" / "comparison.md").read_text()
     assert table.count("\n| ") >= 4  # header + yolo, anomaly, sam, cascade rows
@@ -57,5 +57,5 @@ def test_make_demo_runs_every_stage_and_a_failing_stage_fails_it(tmp_path):
     bad = _make(work, YOLO_MODEL="yolov8n", YOLO_ARGS="--from-scratch --epochs 1 --no-such-flag")
     assert bad.returncode != 0
     assert "unrecognized arguments: --no-such-flag" in bad.stdout  # the stage's own error, not swallowed
-    assert "== [4/7] YOLO (yolov8n) on the converted labels: FAILED after" in bad.stdout
-    assert "== [5/7]" not in bad.stdout  # nothing after the failed stage ran
+    assert "== [4/8] YOLO (yolov8n) on the converted labels: FAILED after" in bad.stdout
+    assert "== [6/8]" not in bad.stdout  # nothing after the failed stage ran (SAM trains beside it, in the other lane)

@@ -11,6 +11,7 @@ import torch
 
 from defectkit.converters.canonical import ImageRecord, make_header, read_records, write_records
 from defectkit.converters.convert import ConvertConfig, convert
+from defectkit.core.errors import ConfigError
 from defectkit.datasets.mvtec import index_category
 from defectkit.datasets.split import build_manifest
 from defectkit.finetune import sam as S
@@ -188,14 +189,20 @@ def test_only_the_decoder_trains_the_loss_falls_and_resume_continues(conv, tmp_p
     assert {"zero_shot", "fine_tuned"} <= set(m2) and "per_type" in m2["fine_tuned"]
 
 
-@pytest.mark.slow
-def test_cascade_with_yolo_predictions(conv, tmp_path):
+def _fake_yolo(conv, tmp_path):
+    """A YOLO predictions file whose boxes are the test fold's ground truth at confidence 0.9."""
     header, gt = read_records(conv / "ground_truth.jsonl")
     test = [r for r in gt if r.fold == "test"]
     fake = [ImageRecord(image=r.image, height=r.height, width=r.width, boxes_xyxy=r.boxes_xyxy, labels=r.labels,
                         scores=np.full(len(r), 0.9), image_score=0.9 if len(r) else 0.0) for r in test]
     yolo = write_records(tmp_path / "yolo.jsonl", make_header("predictions", "fake-yolo", header["classes"],
                                                               header["data_root"]), fake)
+    return header, test, yolo
+
+
+@pytest.mark.slow
+def test_cascade_with_yolo_predictions(conv, tmp_path):
+    header, test, yolo = _fake_yolo(conv, tmp_path)
     m = S.main(_args(conv, tmp_path, "--epochs", "1", "--yolo-predictions", yolo))
     c = m["cascade"]
     assert {"mask_ap", "pixel_iou_per_image", "pixel_auroc", "box_ap_after_sam"} <= set(c)
@@ -208,6 +215,29 @@ def test_cascade_with_yolo_predictions(conv, tmp_path):
     assert c["mask_ap"]["map50"] == pytest.approx(coco_evaluate(test, recs, header["classes"], "segm")["map50"])
     rows = {r["name"]: r for r in compare(conv / "ground_truth.jsonl", [tmp_path / "run"], tmp_path / "cmp")}
     assert c["pixel_auroc"] == pytest.approx(rows["fake-yolo+sam-tiny (cascade)"]["pixel_auroc"])
+
+
+@pytest.mark.slow
+def test_cascades_added_to_a_finished_run_equal_those_of_a_run_trained_with_them(conv, tmp_path):
+    """make demo trains SAM beside YOLO, then adds the cascades with --score-only: the same figures as one
+    run given the YOLO predictions from the start, and the run becomes a deployable cascade."""
+    _, _, yolo = _fake_yolo(conv, tmp_path)
+    with pytest.raises(ConfigError, match="no finished SAM run"):
+        S.main(_args(conv, tmp_path / "b", "--score-only", "--yolo-predictions", yolo))
+    # the encoder trained too, as the demo's recipe: its embeddings are computed live (float32), never cached
+    once = S.main(_args(conv, tmp_path / "a", "--epochs", "2", "--train-encoder", "--crop", "2",
+                        "--yolo-predictions", yolo))
+    trained = S.main(_args(conv, tmp_path / "b", "--epochs", "2", "--train-encoder", "--crop", "2"))
+    assert "cascade" not in trained and json.loads((tmp_path / "b/run/deploy.json").read_text())["kind"] == "sam"
+    later = S.main(_args(conv, tmp_path / "b", "--score-only", "--yolo-predictions", yolo))
+    assert later["cascade"]["mask_ap"] == once["cascade"]["mask_ap"]
+    assert later["cascade"]["pixel_iou_per_image"] == once["cascade"]["pixel_iou_per_image"]
+    assert later["fine_tuned"] == trained["fine_tuned"] and later["train_seconds"] == trained["train_seconds"]
+    assert json.loads((tmp_path / "b/run/deploy.json").read_text())["kind"] == "sam_cascade"
+    assert json.loads((tmp_path / "b/run/metrics.json").read_text())["cascade"] == later["cascade"]
+    _, a = read_records(tmp_path / "a/run/cascade_predictions.jsonl")
+    _, b = read_records(tmp_path / "b/run/cascade_predictions.jsonl")
+    assert [r.masks for r in a] == [r.masks for r in b]  # the very same masks, pixel for pixel
 
 
 def test_anomaly_regions_prompt_a_class_agnostic_cascade(conv, tmp_path, monkeypatch):

@@ -141,7 +141,7 @@ def test_segment_model_resumes_after_an_interruption(data_yaml, tmp_path, monkey
             raise KeyboardInterrupt("simulated interruption after epoch 1")
 
     args = ft.get_args_parser().parse_args(
-        ["--data", str(data_yaml), "--model", "yolov8n-seg", "--epochs", "2", *COMMON,
+        ["--data", str(data_yaml), "--model", "yolov8n-seg", "--epochs", "2", "--val-begin", "2", *COMMON,
          "--project", str(tmp_path / "runs"), "--name", "s"])
     monkeypatch.setitem(callbacks.default_callbacks, "on_fit_epoch_end",
                         [*callbacks.default_callbacks["on_fit_epoch_end"], interrupt])
@@ -155,10 +155,31 @@ def test_segment_model_resumes_after_an_interruption(data_yaml, tmp_path, monkey
     m = ft.main(args)
     rows = list(csv.DictReader((run / "results.csv").open()))
     assert [int(float(r["epoch"])) for r in rows] == [1, 2]  # epoch 2 was trained after the resume
+    # --val-begin 2: epoch 1 was not validated (Ultralytics' zero placeholders), epoch 2 was, after the resume too
+    assert float(rows[0]["val/cls_loss"]) == 0 and float(rows[1]["val/cls_loss"]) > 0
     assert "segm" in m["pycocotools"] and "mask_map50" in m["ultralytics"]
     header, recs = read_records(run / "predictions.jsonl")
     assert all(r.masks is not None and len(r.masks) == len(r) for r in recs)
     assert str(data_yaml.parent.parent / "yolo_seg" / "data.yaml") == m["data"]
+
+
+@pytest.mark.slow
+def test_validating_from_a_later_epoch_changes_the_time_not_the_training(data_yaml, tmp_path, monkeypatch):
+    """--val-begin skips the early validations, which draw from Python's random stream (Ultralytics' Format):
+    the skipped ones make the same draws, so both schedules train the same model."""
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ycfg"))
+    from defectkit.finetune import yolo as ft
+
+    losses = {}
+    for first in (1, 3):
+        ft.main(ft.get_args_parser().parse_args(
+            ["--data", str(data_yaml), "--model", "yolov8n", "--epochs", "3", "--val-begin", str(first), *COMMON,
+             "--out", str(tmp_path / f"v{first}"), "-q"]))
+        rows = list(csv.DictReader((tmp_path / f"v{first}" / "results.csv").open()))
+        losses[first] = [(r["train/box_loss"], r["train/cls_loss"]) for r in rows]
+        validated = [float(r["val/cls_loss"]) > 0 for r in rows]
+        assert validated == [e >= first for e in (1, 2, 3)]
+    assert losses[1] == losses[3]
 
 
 def test_missing_weights_and_misuse_are_clear_errors(data_yaml, no_clip, tmp_path):
