@@ -171,15 +171,15 @@ def test_validating_from_a_later_epoch_changes_the_time_not_the_training(data_ya
     from defectkit.finetune import yolo as ft
 
     losses = {}
-    for first in (1, 3):
+    for first in (1, 2):
         ft.main(ft.get_args_parser().parse_args(
-            ["--data", str(data_yaml), "--model", "yolov8n", "--epochs", "3", "--val-begin", str(first), *COMMON,
+            ["--data", str(data_yaml), "--model", "yolov8n", "--epochs", "2", "--val-begin", str(first), *COMMON,
              "--out", str(tmp_path / f"v{first}"), "-q"]))
         rows = list(csv.DictReader((tmp_path / f"v{first}" / "results.csv").open()))
         losses[first] = [(r["train/box_loss"], r["train/cls_loss"]) for r in rows]
         validated = [float(r["val/cls_loss"]) > 0 for r in rows]
-        assert validated == [e >= first for e in (1, 2, 3)]
-    assert losses[1] == losses[3]
+        assert validated == [e >= first for e in (1, 2)]
+    assert losses[1] == losses[2]  # epoch 2 trained on the same draws, validated after epoch 1 or not
 
 
 def test_missing_weights_and_misuse_are_clear_errors(data_yaml, no_clip, tmp_path):
