@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 from dataclasses import replace
@@ -174,7 +175,7 @@ def _main(args: argparse.Namespace, dist) -> dict:
                                    replace(cfg, time=share_time(cfg.time, pre_epochs, pre_epochs + cfg.epochs)),
                                    args.synthetic_pretrain, pre_epochs, run, device, dist)
         cfg = replace(cfg, time=share_time(cfg.time, cfg.epochs, pre_epochs + cfg.epochs))
-        label = f"{cfg.model} (synthetic pretrain {args.synthetic_pretrain})"
+        label = _label(cfg.model, args.synthetic_pretrain)
         if dist.is_main:  # what the synthetic stage alone gives on the real test fold
             pretrain["test"] = instance_scores(test_inst, predict(sam, test_inst, cache, device, crop=cfg.crop))
         # --resume after a stop inside the synthetic stage: that stage continued, fine-tuning starts afresh
@@ -227,32 +228,33 @@ def _cascades(args, metrics: dict, sam, cache, d, only, label: str, crop: float,
 
 def _add_cascades(args: argparse.Namespace, conv: Path, only: str | None, dist) -> dict:
     """``--score-only``: the finished run in ``--out`` (its deploy.json, best.pt, metrics.json) gets the
-    cascades given now; its training record and test-fold scores are kept as they are."""
-    import json
-
+    cascades given now; its training record, test-fold scores and other cascades are kept as they are."""
     run = (args.out or WORK / "runs" / "sam" / f"{conv.name}-{args.model}").resolve()
     if not (run / "metrics.json").is_file():
         raise ConfigError(f"{run}: no finished SAM run to score (metrics.json missing); train it first, "
                           "without --score-only")
     spec = read_deploy_spec(run, ["sam", "sam_cascade"], "train the run first, without --score-only")
-    sam, cache = load_sam_run(run, spec, dist.device)
-    # as after training: a trained encoder's embeddings are computed live, in float32 (a frozen one's are
-    # cached in float16, sam_core.EmbeddingCache), so the cascades score exactly as in one run
-    trained_args = run / "run_args.json"
-    cache.live = bool(json.loads(trained_args.read_text()).get("train_encoder")) if trained_args.is_file() else False
+    sam, cache = load_sam_run(run, spec, dist.device)  # embeddings as after training: the scores of one run
     s = spec["sam"]
     prior = json.loads((run / "metrics.json").read_text())
-    metrics = {k: v for k, v in prior.items() if k not in ("cascade", "anomaly_cascade", "family", "protocol")}
+    # the cascades given now replace their earlier scores; the others stay as they were
+    metrics = {k: v for k, v in prior.items() if k not in ("family", "protocol")}
     pre = prior.get("synthetic_pretrain")
-    label = f"{s['model']} (synthetic pretrain {pre['images']})" if pre else s["model"]
+    label = _label(s["model"], pre["images"] if pre else 0)
     d = load_sam_data(conv, only, 0, s["seed"])
     conf = _cascades(args, metrics, sam, cache, d, only, label, s.get("crop", 0.0), run, dist.device)
-    write_spec(run, argparse.Namespace(**s), spec["base"],
-               Path(args.yolo_predictions).resolve().parent if args.yolo_predictions else None,
-               conf, args.cascade_max_det)
+    yolo_run = Path(args.yolo_predictions).resolve().parent if args.yolo_predictions else None
+    if yolo_run is None and spec.get("yolo_run"):  # a YOLO cascade scored before stays the deployed one
+        yolo_run, conf = (run / spec["yolo_run"]).resolve(), spec["cascade_conf"]
+    write_spec(run, argparse.Namespace(**s), spec["base"], yolo_run, conf, args.cascade_max_det)
     metrics = finish_run(run, "sam", metrics)
     _print(metrics, run)
     return metrics
+
+
+def _label(model: str, synthetic_pretrain: int) -> str:
+    """The SAM run's name in its predictions and the comparison."""
+    return f"{model} (synthetic pretrain {synthetic_pretrain})" if synthetic_pretrain else model
 
 
 def _cascade_line(name: str, c: dict) -> str:

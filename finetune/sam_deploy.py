@@ -47,7 +47,9 @@ def read_spec(run: Path) -> dict:
 
 def load_sam_run(run: Path, spec: dict, device: str = "cpu"):
     """``(sam, cache)``: the base model with the run's fine-tuned decoder; the cache object gives the
-    resize transform (in memory only: embeddings of new images are not kept)."""
+    resize transform (in memory only: embeddings of new images are not kept).  As after training, a run
+    that trained its encoder (the encoder is in its checkpoint) has its embeddings computed live, in float32;
+    a frozen encoder's are rounded to float16 as the trainer's cache does (sam_core.EmbeddingCache)."""
     from defectkit.finetune.sam_core import EmbeddingCache, load_sam
     from defectkit.finetune.sam_train import load_trained
 
@@ -57,9 +59,11 @@ def load_sam_run(run: Path, spec: dict, device: str = "cpu"):
     weights = Path(run) / spec["weights"]
     if not weights.is_file():
         raise MissingFileError(f"{weights} not found: the run has no trained decoder")
-    load_trained(sam, weights, key, device)
+    ck = load_trained(sam, weights, key, device)
     sam.to(device).eval()
-    return sam, EmbeddingCache(sam, None, key, device)
+    cache = EmbeddingCache(sam, None, key, device)
+    cache.live = "image_encoder" in ck["weights"]
+    return sam, cache
 
 
 def predict_images(run: Path, images: list[tuple[str, np.ndarray]], backend: str = "torch"):

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,7 +307,6 @@ def validate_from(model, first: int) -> None:
     its ``bgr`` draw, in this process when the loader has no workers), which the next epochs' augmentation
     then continues from: a skipped validation makes the same draws, so the schedule changes the time a run
     takes and never its training."""
-    import random
 
     def on_epoch_end(trainer) -> None:
         trainer.args.val = trainer.epoch + 1 >= first

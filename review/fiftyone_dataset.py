@@ -140,6 +140,14 @@ def _add_run(fo, samples: dict, fld: str, header: dict, preds: list[ImageRecord]
                 images.setdefault(f"{fld}_mask", {})[s.filepath] = fo.Segmentation(mask=union)
 
 
+def _set_image_labels(ds, images: dict[str, dict]) -> None:
+    """The image-sized labels ({field: {filepath: label}}) in one write per field, once the samples are saved:
+    FiftyOne re-serializes (zlib) every array of a sample each time the sample is saved, and evaluations save
+    every sample once per run (24 of the demo's 33 s)."""
+    for fld, by_path in images.items():
+        ds.set_values(fld, by_path, key_field="filepath")
+
+
 def _evaluate_runs(ds, run_fields: dict[str, dict]) -> None:
     """``evaluate_detections`` per run (class-agnostic for anomaly runs) and the saved review views."""
     from fiftyone import ViewField as F
@@ -177,9 +185,7 @@ def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None =
     ds = fo.Dataset(name, persistent=True)
     ds.default_mask_targets = {i + 1: c for i, c in enumerate(classes)}
     cid = {c: i + 1 for i, c in enumerate(classes)}
-    # image-sized labels (segmentations, heatmaps) are set after the evaluations: FiftyOne re-serializes (zlib)
-    # every array of a sample each time an evaluation saves it, 24 of the demo's 33 s
-    images: dict[str, dict] = {}
+    images: dict[str, dict] = {}  # segmentations and heatmaps, set after the evaluations (_set_image_labels)
     samples = {g.image: _gt_sample(fo, g, data_root, cid, images) for g in gt}
     run_fields = {}
     for rname, (paths, rh, preds, dirs) in groups.items():
@@ -188,8 +194,7 @@ def build_dataset(name: str, gt_path: Path, runs: list[Path], fold: str | None =
         _add_run(fo, samples, fld, rh, preds, dirs, images, run_box_conf(paths[0], rh, conf))
     ds.add_samples(list(samples.values()))
     _evaluate_runs(ds, run_fields)
-    for fld, by_path in images.items():
-        ds.set_values(fld, by_path, key_field="filepath")
+    _set_image_labels(ds, images)
     ds.info = {"ground_truth": str(gt_path), "runs": {f: h.get("model") for f, h in run_fields.items()}, "fold": fold}
     ds.save()
     return ds
@@ -230,8 +235,7 @@ def build_predict_dataset(name: str, outputs: list[Path], band_views: bool = Tru
             if fld == first:
                 s.tags = [r.decision.lower()] + (["uncertain"] if r.uncertain else [])
     ds.add_samples(list(samples.values()))
-    for fld, by_path in images.items():
-        ds.set_values(fld, by_path, key_field="filepath")
+    _set_image_labels(ds, images)
     ds.save_view("NG", ds.match_tags("ng"))
     ds.save_view("uncertain, review first", ds.match_tags("uncertain").sort_by(F(f"{first}_score"), reverse=True))
     ds.info = {"predict_outputs": [str(p) for p in outputs], "models": list(groups), "review_tags": list(REVIEW_TAGS)}

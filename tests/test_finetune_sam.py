@@ -238,6 +238,10 @@ def test_cascades_added_to_a_finished_run_equal_those_of_a_run_trained_with_them
     _, a = read_records(tmp_path / "a/run/cascade_predictions.jsonl")
     _, b = read_records(tmp_path / "b/run/cascade_predictions.jsonl")
     assert [r.masks for r in a] == [r.masks for r in b]  # the very same masks, pixel for pixel
+    # a later --score-only without the YOLO predictions keeps that cascade, deployable as it was
+    again = S.main(_args(conv, tmp_path / "b", "--score-only"))
+    assert again["cascade"] == later["cascade"]
+    assert json.loads((tmp_path / "b/run/deploy.json").read_text())["kind"] == "sam_cascade"
 
 
 def test_anomaly_regions_prompt_a_class_agnostic_cascade(conv, tmp_path, monkeypatch):
