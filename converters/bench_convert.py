@@ -25,6 +25,7 @@ import numpy as np
 
 from defectkit.converters.convert import FORMATS, ConvertConfig, convert
 from defectkit.core.cli import HelpFormatter
+from defectkit.core.machine import describe
 from defectkit.datasets import synthetic
 from defectkit.datasets.mvtec import index_dataset
 from defectkit.datasets.split import build_manifest, entries
@@ -114,7 +115,7 @@ def main(args: argparse.Namespace) -> dict:
             rows.append(("ours, all formats + fidelity check, --workers 2", _best(ours(2, True), args.repeat, fresh)))
         rows.append(("ultralytics convert_segment_masks_to_yolo_seg (YOLO-seg only)", _best(ultralytics, args.repeat)))
         ref = rows[0][1]
-        print(f"{n} masks of {hw[1]}x{hw[0]} from {root} (best of {args.repeat}, {os.cpu_count()} cores)")
+        print(f"{n} masks of {hw[1]}x{hw[0]} from {root} (best of {args.repeat}) on {describe()}")
         print(f"{'what':80s} {'masks/s':>9s} {'x decode time':>14s}")
         for name, t in rows:
             print(f"{name:80s} {n / t:9.1f} {t / ref:14.2f}")

@@ -1,7 +1,10 @@
-"""Inference speed of a trained run through PyTorch and through its ONNX export (onnxruntime, CPU),
-on the same images in the same process: images/s and the ratio onnxruntime / PyTorch.
+"""Inference speed of trained runs through PyTorch and through their ONNX export (onnxruntime, CPU),
+on the same images in the same process: images/s and the ratio to the first run's PyTorch figure.
 
-    python -m defectkit.deploy.bench_predict --run RUN [--images DIR] [--n 32] [--repeat 3]
+    python -m defectkit.deploy.bench_predict --run RUN [RUN ...] [--images DIR] [--n 32] [--repeat 3]
+
+Several runs (e.g. DRAEM at full and half width) are timed one after the other in one process, each row a
+ratio to the first run's PyTorch float32 row.
 
 Timed: the model call on prepared batches (anomaly: the map head, maps and scores; YOLO: Ultralytics'
 predict, letterbox and NMS included), best of ``--repeat`` passes.  The run is exported first if it
@@ -12,11 +15,11 @@ exists.  Threads: torch's and onnxruntime's defaults (all cores).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 from defectkit.core.cli import HelpFormatter, run_cli
+from defectkit.core.machine import describe
 
 
 def _best(fn, repeat: int) -> float:
@@ -73,19 +76,23 @@ def bench(run: Path, images: str | None, n: int, repeat: int, batch: int) -> lis
 def main(args: argparse.Namespace) -> list[dict]:
     from tabulate import tabulate
 
-    rows = bench(args.run, args.images, args.n, args.repeat, args.batch)
-    where = platform.processor() or platform.machine()
-    print(f"{args.run} on {where}, best of {args.repeat} passes, batch {args.batch}")
-    print(tabulate([[r["backend"], r["input"], r["images"], f"{r['images_per_s']:.1f}", f"{r['ratio_vs_pytorch']:.2f}x"]
-                    for r in rows], headers=["backend", "input", "images", "images/s", "vs PyTorch"],
-                   tablefmt="github"))
+    rows = []
+    for run in args.run:
+        rows += [{"run": str(run), **r} for r in bench(run, args.images, args.n, args.repeat, args.batch)]
+    for r in rows:
+        r["ratio_vs_pytorch"] = r["images_per_s"] / rows[0]["images_per_s"]
+    print(f"{len(args.run)} run(s) on {describe()}, best of {args.repeat} passes, batch {args.batch}; "
+          f"ratios against {args.run[0]} through PyTorch")
+    print(tabulate([[r["run"], r["backend"], r["input"], r["images"], f"{r['images_per_s']:.1f}",
+                     f"{r['ratio_vs_pytorch']:.2f}x"] for r in rows],
+                   headers=["run", "backend", "input", "images", "images/s", "vs PyTorch"], tablefmt="github"))
     return rows
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m defectkit.deploy.bench_predict", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--run", type=Path, nargs="+", required=True, help="one or more runs; the first is the reference")
     p.add_argument("--images")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)

@@ -163,7 +163,9 @@ def _evaluate_runs(ds, run_fields: dict[str, dict]) -> None:
                     f"{gt_field}.detections.label", [["defect"] * len(d) for d in ds.values(f"{gt_field}.detections")]
                 )
         key = f"eval_{fld}"
-        ds.evaluate_detections(fld, gt_field=gt_field, eval_key=key, classwise=not anomaly, compute_mAP=False)
+        # on a view of the two fields: each sample's save then writes those two, not every run's labels and masks
+        ds.select_fields([fld, gt_field]).evaluate_detections(fld, gt_field=gt_field, eval_key=key,
+                                                              classwise=not anomaly, compute_mAP=False)
         ds.save_view(f"missed defects: {fld}", ds.match(F(f"{key}_fn") > 0))
         ds.save_view(
             f"false alarms on good images: {fld}", ds.match(F("defect_type") == "good").match(F(f"{key}_fp") > 0)

@@ -280,6 +280,14 @@ def test_int8_export_is_checked_on_the_test_fold_and_refused_when_it_moves_the_a
 
     rows = {row["backend"]: row for row in bench(run, None, 8, 1, 8)}
     assert set(rows) == {"PyTorch", "onnxruntime", "onnxruntime INT8"} and rows["PyTorch"]["ratio_vs_pytorch"] == 1
+    # several runs in one call: every row a ratio to the first run's PyTorch figure
+    from defectkit.deploy.bench_predict import get_args_parser, main
+
+    both = main(get_args_parser().parse_args(["--run", str(ae_run), str(run), "--n", "8", "--repeat", "1"]))
+    assert [(r["run"], r["backend"]) for r in both] == [(str(ae_run), "PyTorch"), (str(ae_run), "onnxruntime"),
+                                                        (str(run), "PyTorch"), (str(run), "onnxruntime"),
+                                                        (str(run), "onnxruntime INT8")]
+    assert [r["ratio_vs_pytorch"] for r in both] == [r["images_per_s"] / both[0]["images_per_s"] for r in both]
 
 
 @pytest.mark.slow

@@ -116,7 +116,7 @@ def test_every_shipped_recipe_is_valid_for_its_command(recipe):
     from defectkit.finetune.sam import get_args_parser as sam
     from defectkit.finetune.yolo import get_args_parser as yolo
 
-    family = Path(recipe).stem
+    family = Path(recipe).stem.split("-")[0]  # anomaly-fast.yaml: a variant of anomaly.yaml
     parser = {"anomaly": anomaly, "yolo": yolo, "sam": sam}[family]()
     args = parse(parser, ["--config", str(CONFIGS / recipe)])
     for k, v in read_yaml(CONFIGS / recipe).items():
