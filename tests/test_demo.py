@@ -53,6 +53,8 @@ def test_make_demo_runs_every_stage_and_a_failing_stage_fails_it(tmp_path):
     table = (work / "compare" / "defectkit_synth-all" / "comparison.md").read_text()
     assert table.count("\n| ") >= 4  # header + yolo, anomaly, sam, cascade rows
     assert (work / "compare" / "defectkit_synth-all" / "report.html").stat().st_size > 50_000
+    yolo = work / "runs" / "yolo" / "defectkit_synth-all-yolov8n-worldv2"
+    assert all((yolo / f).stat().st_size > 10_000 for f in ("results.png", "labels.jpg"))  # Ultralytics' plots, kept
     # a failing stage (here YOLO, given a flag it does not know) fails the demo, its error shown
     bad = _make(work, YOLO_MODEL="yolov8n", YOLO_ARGS="--from-scratch --epochs 1 --no-such-flag")
     assert bad.returncode != 0
