@@ -118,20 +118,18 @@ $(STAMP): requirements.lock pyproject.toml
 # bars become periodic single lines (review/stage.py).  Nothing is filtered: a failing stage fails the demo.
 STAGE = $(PY) -m defectkit.review.stage
 # Stages 3-5 train three models that do not depend on each other.  With SIDE_BY_SIDE=1 (default) the anomaly
-# model, then SAM and its cascade on the anomaly model's regions run on one core beside YOLO on the other (every
-# output line tagged [anomaly] / [sam] / [yolo]); the YOLO->SAM cascade (stage 6) waits for both lanes.  The thread counts are fixed, not handed over when a
-# lane finishes: a thread count is part of a run's floating-point result, so the same seed gives the same
-# figures every time.  SIDE_BY_SIDE=0 runs them in turn, each on every core.
+# model and then SAM train on one core beside YOLO on the other (every output line tagged [anomaly] / [sam] /
+# [yolo]); the cascades (stage 6, in one process, which loads SAM once) wait for all three.  The thread counts are
+# fixed, not handed over when a lane finishes: a thread count is part of a run's floating-point result, so the
+# same seed gives the same figures every time.  SIDE_BY_SIDE=0 runs them in turn, each on every core.
 SIDE_BY_SIDE ?= 1
 STAGE_3 = $(STAGE) --step 3/8 --name "anomaly model ($(MODEL)), good images only" --headline anomaly:$(ANOMALY_RUN)
 STAGE_4 = $(STAGE) --step 4/8 --name "YOLO ($(YOLO_MODEL)) on the converted labels" --headline yolo:$(YOLO_RUN)/metrics.json
-STAGE_5 = $(STAGE) --step 5/8 --name "SAM ($(SAM_MODEL)) on the ground-truth boxes, then on $(MODEL)'s regions" \
-	--headline sam:$(SAM_RUN)/metrics.json
+STAGE_5 = $(STAGE) --step 5/8 --name "SAM ($(SAM_MODEL)) prompted by the ground-truth boxes" --headline sam:$(SAM_RUN)/metrics.json
 ifeq ($(SIDE_BY_SIDE),1)
 STAGE_345 = { $(STAGE_3) --prefix "[anomaly] " -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done ANOMALY_THREADS=1 \
 	RECIPES=$(DEMO_RECIPES) && \
-	$(STAGE_5) --prefix "[sam] " -- $(MAKE) --no-print-directory $(SAM_RUN)/.anomaly-cascade SAM_THREADS=1 \
-	RECIPES=$(DEMO_RECIPES); \
+	$(STAGE_5) --prefix "[sam] " -- $(MAKE) --no-print-directory $(SAM_RUN)/.trained SAM_THREADS=1 RECIPES=$(DEMO_RECIPES); \
 	} & a=$$!; \
 	$(STAGE_4) --prefix "[yolo] " -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json YOLO_THREADS=1 \
 	RECIPES=$(DEMO_RECIPES) & y=$$!; \
@@ -139,7 +137,7 @@ STAGE_345 = { $(STAGE_3) --prefix "[anomaly] " -- $(MAKE) --no-print-directory $
 else
 STAGE_345 = $(STAGE_3) -- $(MAKE) --no-print-directory $(ANOMALY_RUN)/.done RECIPES=$(DEMO_RECIPES) && \
 	$(STAGE_4) -- $(MAKE) --no-print-directory $(YOLO_RUN)/metrics.json RECIPES=$(DEMO_RECIPES) && \
-	$(STAGE_5) -- $(MAKE) --no-print-directory $(SAM_RUN)/.anomaly-cascade RECIPES=$(DEMO_RECIPES)
+	$(STAGE_5) -- $(MAKE) --no-print-directory $(SAM_RUN)/.trained RECIPES=$(DEMO_RECIPES)
 endif
 # Stages 7 (comparison) and 8 (FiftyOne) read the finished runs and write apart: side by side, one core each
 STAGE_7 = $(STAGE) --step 7/8 --name "comparison on the test fold" --headline compare:$(COMPARE_DIR)/comparison.json
@@ -163,7 +161,7 @@ demo: setup
 	@$(STAGE) --step 2/8 --name "convert masks to labels" --headline fidelity:$(CONVERTED) -- \
 		$(MAKE) --no-print-directory $(CONVERTED)
 	@$(STAGE_345)
-	@$(STAGE) --step 6/8 --name "the YOLO->SAM cascade" --headline sam:$(SAM_RUN)/metrics.json -- \
+	@$(STAGE) --step 6/8 --name "the YOLO->SAM and $(MODEL)->SAM cascades" --headline sam:$(SAM_RUN)/metrics.json -- \
 		$(MAKE) --no-print-directory $(SAM_RUN)/.cascades RECIPES=$(DEMO_RECIPES)
 	@$(STAGE_78)
 	@echo
@@ -192,14 +190,9 @@ $(SAM_RUN)/.trained: $(CONVERTED)
 	$(if $(SAM_THREADS),OMP_NUM_THREADS=$(SAM_THREADS)) $(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --out $(SAM_RUN)
 	touch $@
 
-$(SAM_RUN)/.anomaly-cascade: $(SAM_RUN)/.trained $(ANOMALY_RUN)/.done
-	$(if $(SAM_THREADS),OMP_NUM_THREADS=$(SAM_THREADS)) $(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) \
-		$(SAM_ARGS) --score-only --anomaly-predictions $(ANOMALY_RUN) --out $(SAM_RUN)
-	touch $@
-
-$(SAM_RUN)/.cascades: $(SAM_RUN)/.anomaly-cascade $(YOLO_RUN)/metrics.json
+$(SAM_RUN)/.cascades: $(SAM_RUN)/.trained $(YOLO_RUN)/metrics.json $(ANOMALY_RUN)/.done
 	$(PY) finetune/sam.py --data $(CONV_DIR) --model $(SAM_MODEL) $(SAM_ARGS) --score-only \
-		--yolo-predictions $(YOLO_RUN)/predictions.jsonl --out $(SAM_RUN)
+		--yolo-predictions $(YOLO_RUN)/predictions.jsonl --anomaly-predictions $(ANOMALY_RUN) --out $(SAM_RUN)
 	touch $@
 
 # Use a trained run: RUN=<run folder> (an anomaly category folder or a YOLO run), IMAGES=<folder or glob>

@@ -197,16 +197,24 @@ def _pump(src, dst, tty: bool, every: float, prefix: str = "") -> None:
     san.close()
 
 
+def _say(line: str, file=None) -> None:
+    """One whole line in one write: stages side by side share the terminal or log, and print() writes its text and
+    its newline apart when Python's output is unbuffered (PYTHONUNBUFFERED), so two start lines could run together."""
+    file = file or sys.stdout
+    file.write(line + "\n")
+    file.flush()
+
+
 def run_stage(cmd: list[str], step: str, name: str, headline_spec: str | None = None, every: float = 30.0,
               prefix: str = "") -> int:
     """Run ``cmd`` as stage ``step``; with ``prefix`` every line of its output starts with it (two stages running
     side by side stay readable: their bars become whole lines, never redraws that overwrite each other)."""
-    print(f"== [{step}] {name}: started", flush=True)
+    _say(f"== [{step}] {name}: started")
     t0 = time.perf_counter()
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as e:
-        print(f"== [{step}] {name}: FAILED to start: {e}", flush=True)
+        _say(f"== [{step}] {name}: FAILED to start: {e}")
         return 127
     pumps = [threading.Thread(target=_pump, args=(src, dst, dst.isatty(), every, prefix), daemon=True)
              for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
@@ -221,10 +229,10 @@ def run_stage(cmd: list[str], step: str, name: str, headline_spec: str | None = 
         t.join()
     took = fmt_elapsed(time.perf_counter() - t0)
     if rc != 0:
-        print(f"== [{step}] {name}: FAILED after {took} (exit {rc})", file=sys.stderr, flush=True)
+        _say(f"== [{step}] {name}: FAILED after {took} (exit {rc})", sys.stderr)
         return rc
     figure = headline(headline_spec)
-    print(f"== [{step}] {name}: done in {took}" + (f" - {figure}" if figure else ""), flush=True)
+    _say(f"== [{step}] {name}: done in {took}" + (f" - {figure}" if figure else ""))
     return 0
 
 

@@ -114,3 +114,31 @@ def test_two_stages_side_by_side_keep_their_lines_whole_and_tagged():
     assert {x.split()[0] for x in body} == {"[a]", "[b]"}, body  # every line of each child carries its tag
     assert all(x.startswith(f"[{x[1]}] {x[1]} ") for x in body), body  # and is one child's line, not a mix of both
     assert "[a] a bar 19/20" in lines and "[b] b result" in lines
+
+
+def test_stage_lines_are_each_written_whole(monkeypatch):
+    """Stages side by side share one output: a start or end line written as two pieces (print's text, then its
+    newline, which is what unbuffered Python does) can be split by the other stage's line."""
+    from defectkit.review import stage
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, s):
+            self.writes.append(s)
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return False
+
+    out, err = Recorder(), Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert stage.run_stage([sys.executable, "-c", "print('hello')"], "1/2", "toy") == 0
+    assert stage.run_stage([sys.executable, "-c", "import sys; sys.exit(4)"], "2/2", "bad") == 4
+    mine = [w for w in out.writes + err.writes if "==" in w]
+    assert [w.split(":")[1].split()[0] for w in mine] == ["started", "done", "started", "FAILED"]
+    assert all(w.startswith("== [") and w.endswith("\n") and w.count("\n") == 1 for w in mine), mine
