@@ -1,5 +1,6 @@
-"""Inference speed of trained runs through PyTorch and through their ONNX export (onnxruntime, CPU),
-on the same images in the same process: images/s and the ratio to the first run's PyTorch figure.
+"""Inference speed of trained runs through PyTorch and through their ONNX export (onnxruntime, CPU), in
+one process: images/s and the ratio to the first run's PyTorch figure.  ``--images``: the same images for
+every run; without it, each run's own test images.
 
     python -m defectkit.deploy.bench_predict --run RUN [RUN ...] [--images DIR] [--n 32] [--repeat 3]
 
