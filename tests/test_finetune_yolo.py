@@ -50,7 +50,7 @@ COMMON = ["--from-scratch", "--imgsz", "64", "--batch", "8", "--workers", "0", "
 
 
 @pytest.mark.slow
-def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip, tmp_path):
+def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip, tmp_path, monkeypatch, capsys):
     r = _run(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
               *COMMON, "--project", tmp_path / "runs", "--name", "w"], no_clip, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -79,13 +79,17 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
     assert header["kind"] == "predictions" and header["classes"] == classes["names"]
     assert sorted(r.image for r in recs) == sorted(g.image for g in gt if g.fold == "test")
     assert all(r.scores is not None and r.image_score is not None for r in recs)
-    # the trained names and their embeddings travel inside the weights: reload and predict, still no CLIP
-    code = ("import sys; from ultralytics import YOLOWorld; m = YOLOWorld(sys.argv[1]);"
-            "print(list(m.names.values()), tuple(m.model.txt_feats.shape))")
-    out = subprocess.run([sys.executable, "-c", code, str(run / "weights" / "best.pt")], env=no_clip,
-                         capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "['cut', 'speck', 'stain', 'tear'] (1, 4, 512)" in out.stdout
+    # the rest runs in this process (each command's own subprocess cost ~3 s of imports), CLIP still banned:
+    # `import clip` raises while this test runs
+    monkeypatch.setitem(sys.modules, "clip", None)
+    monkeypatch.setenv("YOLO_CONFIG_DIR", no_clip["YOLO_CONFIG_DIR"])
+    monkeypatch.chdir(tmp_path)
+    # the trained names and their embeddings travel inside the weights: reload, still no CLIP
+    from ultralytics import YOLOWorld
+
+    reloaded = YOLOWorld(run / "weights" / "best.pt")
+    assert list(reloaded.names.values()) == ["cut", "speck", "stain", "tear"]
+    assert tuple(reloaded.model.txt_feats.shape) == (1, 4, 512)
     # use it: the val-fold image threshold, predict on new images, ONNX export checked, predict through it
     spec = json.loads((run / "deploy.json").read_text())
     assert spec["kind"] == "yolo" and spec["thresholds"]["source"] == "val fold"
@@ -94,13 +98,14 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
     # 64 px finds no box on any image, so it has none (box_f1_conf on boxes: review's hand-computed tests)
     assert sum(len(r) for r in recs) == 0
     assert spec["thresholds"]["box_conf"] is None and spec["thresholds"]["box_at_conf"] is None
+    from defectkit.deploy import __main__ as deploy_cli
+    from defectkit.deploy import validate
+
     images = data_yaml.parent / "images" / "test"
     for args in (["predict", "--run", run, "--images", images, "--out", tmp_path / "p-torch"],
                  ["export", "--run", run],
                  ["predict", "--run", run, "--images", images, "--out", tmp_path / "p-onnx", "--backend", "onnx"]):
-        d = subprocess.run([sys.executable, "-m", "defectkit.deploy", *map(str, args)], env=no_clip, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
-        assert d.returncode == 0, d.stderr[-3000:]
+        assert deploy_cli.cli(list(map(str, args))) == 0, args
     assert (run / "weights" / "best.onnx").is_file()
     check = json.loads((run / "export" / "model.json").read_text())["onnx"]["check"]
     assert check["max_abs_diff"] <= check["atol"] and check["images"] > 0
@@ -111,10 +116,9 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
                        atol=1e-3)
     # defectkit val: the run re-scored as deployed on its own conversion's folds (test by default, then all)
     for split, n in (("test", len(test)), ("all", len(gt))):
-        v = subprocess.run([sys.executable, "-m", "defectkit.deploy.validate", "--run", str(run), "--split", split],
-                           env=no_clip, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert v.returncode == 0, v.stderr[-3000:]
-        assert f"on the {split} split of {data_yaml.parent.parent} ({n} images)" in v.stdout
+        capsys.readouterr()
+        assert validate.cli(["--run", str(run), "--split", split]) == 0
+        assert f"on the {split} split of {data_yaml.parent.parent} ({n} images)" in capsys.readouterr().out
         again = json.loads((run / "val" / f"{data_yaml.parent.parent.name}-{split}" / "comparison.json").read_text())
         assert again["runs"][0]["images"] == n and again["fold"] == (None if split == "all" else split)
         if split == "test":
@@ -184,31 +188,50 @@ def test_validating_from_a_later_epoch_changes_the_time_not_the_training(data_ya
     assert losses[1] == losses[2]  # epoch 2 trained on the same draws, validated after epoch 1 or not
 
 
-def test_missing_weights_and_misuse_are_clear_errors(data_yaml, no_clip, tmp_path):
-    r = _run(["--data", data_yaml, "--model", "yolo11n", "--no-from-scratch", "--weights-dir", tmp_path / "w",
-              "--epochs", "1"], no_clip, tmp_path)
-    assert r.returncode == 2
-    assert "yolo11n.pt not found in" in r.stderr and "--from-scratch" in r.stderr
-    r = _run(["--data", data_yaml, "--model", "yolov8s-worldv2", "--no-from-scratch", "--weights",
-              tmp_path / "nope.pt"], no_clip, tmp_path)
-    assert r.returncode == 2 and "nope.pt does not exist" in r.stderr
+def _cli(args, monkeypatch, capsys, env=None) -> tuple[int, str]:
+    """``python finetune/yolo.py ARGS`` in this process (a subprocess costs ~3 s of imports; the script itself is
+    run as one by the first test): exit code and stderr, with CLIP banned as in ``no_clip``."""
+    from defectkit.finetune import yolo as ft
+
+    monkeypatch.setitem(sys.modules, "clip", None)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    try:
+        code = ft.cli(list(map(str, args)))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_missing_weights_and_misuse_are_clear_errors(data_yaml, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(["--data", data_yaml, "--model", "yolo11n", "--no-from-scratch", "--weights-dir", tmp_path / "w",
+                      "--epochs", "1"], monkeypatch, capsys)
+    assert code == 2
+    assert "yolo11n.pt not found in" in err and "--from-scratch" in err
+    code, err = _cli(["--data", data_yaml, "--model", "yolov8s-worldv2", "--no-from-scratch", "--weights",
+                      tmp_path / "nope.pt"], monkeypatch, capsys)
+    assert code == 2 and "nope.pt does not exist" in err
     (tmp_path / "fake.pt").write_bytes(b"x")
-    r = _run(["--data", data_yaml, "--model", "yolov8s-worldv2", "--weights", tmp_path / "fake.pt",
-              "--text-embeddings", "hash"], no_clip, tmp_path)
-    assert r.returncode == 2 and "only with --from-scratch" in r.stderr
-    r = _run(["--data", tmp_path / "missing.yaml"], no_clip, tmp_path)
-    assert r.returncode == 2 and "make convert" in r.stderr
+    code, err = _cli(["--data", data_yaml, "--model", "yolov8s-worldv2", "--weights", tmp_path / "fake.pt",
+                      "--text-embeddings", "hash"], monkeypatch, capsys)
+    assert code == 2 and "only with --from-scratch" in err
+    code, err = _cli(["--data", tmp_path / "missing.yaml"], monkeypatch, capsys)
+    assert code == 2 and "make convert" in err
 
 
 @pytest.mark.slow
-def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml, no_clip, tmp_path):
+def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml, tmp_path, monkeypatch, capsys):
     """--weights PATH and --text-embeddings file: the route a user with real YOLO-World weights takes.
     The stand-in .pt is a 1-epoch from-scratch run of the same model, saved by Ultralytics itself."""
     import torch
 
-    r = _run(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
-              *COMMON, "--out", tmp_path / "base"], no_clip, tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    env = {"YOLO_CONFIG_DIR": str(tmp_path / "ycfg")}
+    code, err = _cli(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
+                      *COMMON, "--out", tmp_path / "base"], monkeypatch, capsys, env)
+    assert code == 0, err[-3000:]
     torch.manual_seed(0)
     table = {n: torch.randn(512) for n in ["cut", "speck", "stain", "tear"]}
     torch.save(table, tmp_path / "emb.pt")
@@ -216,8 +239,8 @@ def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml,
             "--text-embeddings", "file", "--text-embeddings-file", tmp_path / "emb.pt", "--epochs", "1",
             "--imgsz", "64", "--batch", "8", "--workers", "0", "--device", "cpu", "plots=False",
             "--out", tmp_path / "ft", "-q"]
-    r = _run(args, no_clip, tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = _cli(args, monkeypatch, capsys, env)
+    assert code == 0, err[-3000:]
     m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert m["from_scratch"] is False and m["text_embeddings"] == "file" and "from scratch" not in (m.get("note") or "")
     info = json.loads((tmp_path / "ft" / "classes.json").read_text())
@@ -225,14 +248,18 @@ def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml,
 
 
 @pytest.mark.slow
-def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(data_yaml, no_clip, tmp_path):
+def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(data_yaml, tmp_path, monkeypatch, capsys):
     """--synthetic-pretrain: defects painted on the data's good images, one class, a pretraining run, then
     the real fine-tuning starts from its best.pt; a rerun reuses the finished pretraining stage."""
-    env = {**no_clip, "DEFECTKIT_WORK": str(tmp_path / "work")}
+    from defectkit.finetune import synthetic_pretrain
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(synthetic_pretrain, "WORK", tmp_path / "work")
+    env = {"YOLO_CONFIG_DIR": str(tmp_path / "ycfg")}
     args = ["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
             "--synthetic-pretrain", "8", "--pretrain-epochs", "1", *COMMON, "--out", tmp_path / "run", "-q"]
-    r = _run(args, env, tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = _cli(args, monkeypatch, capsys, env)
+    assert code == 0, err[-3000:]
     run = tmp_path / "run"
     pre = run / "pretrain"
     assert (pre / "weights" / "best.pt").is_file() and (pre / "done.json").is_file()
@@ -247,8 +274,8 @@ def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(data_yaml, n
     header, _ = read_records(run / "predictions.jsonl")
     assert header["model"] == "yolov8n-worldv2 (synthetic pretrain 8)"
     done_before = (pre / "done.json").stat().st_mtime_ns
-    r = _run([*args, "--exist-ok"], env, tmp_path)  # rerun: the pretraining stage is reused, not trained again
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = _cli([*args, "--exist-ok"], monkeypatch, capsys, env)  # rerun: the pretraining stage is reused
+    assert code == 0, err[-3000:]
     assert (pre / "done.json").stat().st_mtime_ns == done_before
 
 
