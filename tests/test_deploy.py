@@ -227,28 +227,27 @@ def test_max_false_alarm_operating_point_is_reported_on_the_test_fold(synthetic_
 
 @pytest.mark.slow
 def test_predict_output_reviewed_in_fiftyone_tagged_and_harvested(ae_run, synthetic_root, tmp_path):
-    import subprocess
-    import sys
-
     from defectkit.deploy.predict import predict
-    from tests.test_compare_review import _env, app_page
+    from tests.test_compare_review import app_page
 
     _new_images(synthetic_root, tmp_path / "in")
     predict(ae_run, str(tmp_path / "in"), tmp_path / "out")
-    code = """
-import json, sys
+    # built, tagged and harvested in the process that then serves the App (one FiftyOne start, as a user's)
+    prelude = f"""
+import json
+from pathlib import Path
 from defectkit.review.fiftyone_dataset import build_predict_dataset, harvest
-ds = build_predict_dataset("dk-predict", [sys.argv[1]])
+ds = build_predict_dataset("dk-predict", [{str(tmp_path / "out")!r}])
 s = ds.match_tags("ng").first()
 s.tags.append("false alarm"); s.save()
-harvest("dk-predict", sys.argv[2])
-print(json.dumps({"n": len(ds), "tags": sorted(ds.distinct("tags")), "views": ds.list_saved_views(),
-  "ng": len(ds.load_saved_view("NG")), "fields": sorted(ds.get_field_schema()), "tagged": s.filepath}))
+harvest("dk-predict", {str(tmp_path / "harvest.csv")!r})
+Path({str(tmp_path / "review.json")!r}).write_text(json.dumps({{"n": len(ds), "tags": sorted(ds.distinct("tags")),
+  "views": ds.list_saved_views(), "ng": len(ds.load_saved_view("NG")), "fields": sorted(ds.get_field_schema()),
+  "tagged": s.filepath}}))
 """
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / "harvest.csv")],
-                       env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    dom, _ = app_page("dk-predict", tmp_path, prelude=prelude)
+    assert "dk-predict" in dom and dom.count('data-cy="looker"') > 0, "no sample tile on the App page"
+    out = json.loads((tmp_path / "review.json").read_text())
     rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
     assert out["n"] == sum(r["decision"] != "UNREADABLE" for r in rows)
     assert out["ng"] == sum(r["decision"] == "NG" for r in rows) and {"ng", "ok"} <= set(out["tags"])
@@ -256,8 +255,6 @@ print(json.dumps({"n": len(ds), "tags": sorted(ds.distinct("tags")), "views": ds
     assert {"conv_ae", "conv_ae_heatmap", "conv_ae_decision", "conv_ae_score"} <= set(out["fields"])
     (row,) = list(csv.DictReader((tmp_path / "harvest.csv").open()))
     assert row["filepath"] == out["tagged"] and row["review_tags"] == "false alarm" and row["decision"] == "NG"
-    dom, _ = app_page("dk-predict", tmp_path)
-    assert "dk-predict" in dom and dom.count('data-cy="looker"') > 0, "no sample tile on the App page"
 
 
 @pytest.mark.slow
