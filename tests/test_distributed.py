@@ -1,9 +1,10 @@
 """torchrun on CPU (gloo): two processes with batch b train what one process trains with batch 2b.
 
 Each job is launched as a user would (``torchrun --nproc_per_node 2 anomaly/train.py ...``) and
-compared with a single-process run of the same global batch: the weights after training, the test
-metrics, and the files written (one set: rank 0 alone writes).  The fully-connected autoencoder and
-the tiny SAM have no BatchNorm, so the two runs differ only by floating-point summation order;
+compared with a single-process run of the same global batch (in the test's own process): the weights
+after training, the test metrics, and the files written (one set: rank 0 alone writes).  The
+fully-connected autoencoder and the tiny SAM have no BatchNorm, so the two runs differ only by
+floating-point summation order;
 DRAEM (BatchNorm, which PyTorch cannot synchronise on CPU) is checked to finish with one set of outputs.
 """
 
@@ -30,6 +31,15 @@ def _launch(cmd: list, tmp: Path) -> subprocess.CompletedProcess:
     return p
 
 
+def _single(cmd: list) -> None:
+    """The one-process reference run in this process (``anomaly/train.py ARGS`` -> ``defectkit.anomaly.train``'s
+    ``cli``): the same code as the script, without a second start of Python and torch."""
+    import importlib
+
+    module = "defectkit." + str(cmd[0]).removesuffix(".py").replace("/", ".")
+    assert importlib.import_module(module).cli([str(c) for c in cmd[1:]]) == 0
+
+
 def _files(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
 
@@ -43,7 +53,7 @@ def test_anomaly_trainer_two_processes_match_one_with_the_same_global_batch(synt
     common = ["anomaly/train.py", "--data", synthetic_root, "--manifest", tmp_path / "manifest.json",
               "--category", "washer", "--model", "fc_ae", "--imgsz", "32", "--epochs", "3",
               "--steps-per-epoch", "3", "--augment", "--no-plots", "--patience", "99", "--device", "cpu", "-q"]
-    _launch([sys.executable, *common, "--batch", "8", "--out", tmp_path / "one"], tmp_path)
+    _single([*common, "--batch", "8", "--out", tmp_path / "one"])
     p = _launch([*TORCHRUN, *common, "--batch", "4", "--out", tmp_path / "two"], tmp_path)
     assert p.stdout.count("run folder:") == 1  # rank 0 alone reports
 
@@ -63,7 +73,7 @@ def test_draem_under_torchrun_finishes_with_one_set_of_outputs(synthetic_root, t
     common = ["anomaly/train.py", "--data", synthetic_root, "--manifest", tmp_path / "manifest.json",
               "--category", "washer", "--model", "draem", "--imgsz", "32", "--depth", "2", "--base", "8",
               "--epochs", "2", "--steps-per-epoch", "2", "--no-plots", "--device", "cpu", "-q"]
-    _launch([sys.executable, *common, "--batch", "4", "--out", tmp_path / "one"], tmp_path)
+    _single([*common, "--batch", "4", "--out", tmp_path / "one"])
     _launch([*TORCHRUN, *common, "--batch", "2", "--out", tmp_path / "two"], tmp_path)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     assert (tmp_path / "two" / "deploy.json").is_file()
@@ -79,8 +89,8 @@ def test_sam_encoder_and_decoder_two_processes_match_one_with_the_same_global_ba
             ConvertConfig(formats=("coco",)), progress=False)
     common = ["finetune/sam.py", "--data", conv, "--model", "tiny", "--tiny-size", "64", "--lr", "1e-3", "--crop", "0",
               "--epochs", "2", "--train-encoder", "--patience", "99", "--device", "cpu", "-q"]
-    _launch([sys.executable, *common, "--batch", "4", "--cache", tmp_path / "c1", "--out", tmp_path / "one"], tmp_path)
-    _launch([*TORCHRUN, *common, "--batch", "2", "--cache", tmp_path / "c2", "--out", tmp_path / "two"], tmp_path)
+    _single([*common, "--batch", "4", "--cache-dir", tmp_path / "c1", "--out", tmp_path / "one"])
+    _launch([*TORCHRUN, *common, "--batch", "2", "--cache-dir", tmp_path / "c2", "--out", tmp_path / "two"], tmp_path)
 
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
