@@ -85,7 +85,7 @@ help:
 	@echo "make split      the seeded train/val/test split manifest"
 	@echo "make synth-defects  paint N defects with exact masks on good images: an MVTec-layout root (N=, ANOMALY_SOURCE=)"
 	@echo "make convert    masks -> YOLO, YOLO-seg, COCO, VOC, label maps (FORMATS=, SCHEME=, WORKERS=)"
-	@echo "make bench-convert  conversion speed against decoding the masks alone"
+	@echo "make bench-convert  conversion speed against decoding the masks alone (BENCH_TMP=/dev/shm: in memory)"
 	@echo "make finetune-yolo  python finetune/yolo.py on the converted labels (YOLO_MODEL=, YOLO_ARGS=)"
 	@echo "make anomaly    python anomaly/train.py per category (MODEL=draem|conv_ae|unet_ae|fc_ae|vae|ocsvm|patchcore, ANOMALY_ARGS=)"
 	@echo "               CATEGORY=all (also finetune-yolo, finetune-sam, compare): one run per category + summary table;"
@@ -262,7 +262,8 @@ convert: split
 	$(PY) -m defectkit.converters $(CONVERT_ARGS)
 
 bench-convert: setup
-	$(PY) -m defectkit.converters.bench_convert $(if $(DATA),--data $(DATA) --scale 1) --category $(CATEGORY)
+	$(PY) -m defectkit.converters.bench_convert $(if $(DATA),--data $(DATA) --scale 1) --category $(CATEGORY) \
+		$(if $(BENCH_TMP),--tmp $(BENCH_TMP))
 
 # CATEGORY=all: one run per category (as the papers report), finished ones skipped, then the summary table
 # (per category and the mean: $(SUMMARY_DIR)/<family>/summary.{md,json,png}); JOBS=1 only writes and prints the

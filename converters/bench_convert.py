@@ -1,9 +1,9 @@
 """Benchmark: is conversion bound by decoding the PNG masks?  (``make bench-convert``)
 
-    python -m defectkit.converters.bench_convert [--data ROOT --category C] [--scale 4] [--repeat 3]
+    python -m defectkit.converters.bench_convert [--data ROOT --category C] [--scale 4] [--repeat 3] [--tmp DIR]
 
-Measures, in one run and on the same masks: decoding the masks alone (OpenCV), our converter
-writing every format (with and without its fidelity verification, one process, then
+Measures, in one run and on the same masks (copied and converted under ``--tmp``): decoding the masks
+alone (OpenCV), our converter writing every format (with and without its fidelity verification, one process, then
 ``--workers 2``), and Ultralytics' ``convert_segment_masks_to_yolo_seg`` (masks remapped to
 class value 1 beforehand, untimed, so that it can run).  Prints masks/s and ratios against the
 decode time.  ``--scale`` upsamples the embedded 256 px masks to MVTec AD's ~1024 px.
@@ -44,6 +44,18 @@ def _scaled_copy(root: Path, manifest: dict, dst: Path, scale: int) -> None:
             cv2.imwrite(str(dst / rel), cv2.resize(a, None, fx=scale, fy=scale, interpolation=interp))
 
 
+def _filesystem(path: str | Path) -> str:
+    """``/tmp (ext4)``: the mount point holding ``path`` and its file system type (psutil, which Ultralytics
+    installs)."""
+    import psutil
+
+    real = str(Path(path).resolve())
+    parts = [p for p in psutil.disk_partitions(all=True)
+             if real == p.mountpoint or real.startswith(p.mountpoint.rstrip("/") + "/")]
+    best = max(parts, key=lambda p: len(p.mountpoint), default=None)
+    return f"{best.mountpoint} ({best.fstype})" if best else str(path)
+
+
 def _best(fn, repeat: int, before=None) -> float:
     """The shortest of ``repeat`` timed calls of ``fn``, each after an untimed ``before()``."""
     times = []
@@ -59,7 +71,7 @@ def _best(fn, repeat: int, before=None) -> float:
 def main(args: argparse.Namespace) -> dict:
     logging.disable(logging.INFO)
     root = args.data or synthetic.generate(progress=False)
-    work = Path(tempfile.mkdtemp(prefix="bench-convert-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.tmp))
     try:
         manifest = build_manifest(index_dataset(root, args.category), seed=0)
         if args.scale > 1:
@@ -115,7 +127,8 @@ def main(args: argparse.Namespace) -> dict:
             rows.append(("ours, all formats + fidelity check, --workers 2", _best(ours(2, True), args.repeat, fresh)))
         rows.append(("ultralytics convert_segment_masks_to_yolo_seg (YOLO-seg only)", _best(ultralytics, args.repeat)))
         ref = rows[0][1]
-        print(f"{n} masks of {hw[1]}x{hw[0]} from {root} (best of {args.repeat}) on {describe()}")
+        print(f"{n} masks of {hw[1]}x{hw[0]} from {root} (best of {args.repeat}) on {describe()}, written to "
+              f"{_filesystem(work)}")
         print(f"{'what':80s} {'masks/s':>9s} {'x decode time':>14s}")
         for name, t in rows:
             print(f"{name:80s} {n / t:9.1f} {t / ref:14.2f}")
@@ -133,6 +146,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", default="all")
     p.add_argument("--scale", type=int, default=4, help="upsample masks and images by this factor (default 4)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--tmp", type=Path, default=None,
+                   help="folder the copies and outputs are written in (default: the system's temporary folder); "
+                        "/dev/shm takes the disk out of the figures")
     return p
 
 

@@ -288,3 +288,18 @@ def test_fidelity_report_flags_faults_injected_into_the_written_files(small, tmp
     assert f["yolo_seg"]["instance_iou"]["min"] < 1.0
     assert f["coco"]["area_is_pixel_count"] is False
     assert f["voc"]["exact"] and f["coco"]["instance_iou"]["min"] == 1.0  # untouched formats stay exact
+
+
+def test_bench_convert_says_what_it_wrote_to_and_leaves_nothing_behind(synthetic_root, tmp_path, capsys):
+    from defectkit.converters import bench_convert as B
+
+    assert B._filesystem(tmp_path).endswith(")") and B._filesystem(tmp_path) != str(tmp_path)
+    assert B._filesystem(os.path.realpath("/proc/self")) == "/proc (proc)"
+    args = B.get_args_parser().parse_args(["--data", str(synthetic_root), "--category", "washer", "--scale", "1",
+                                           "--repeat", "1", "--tmp", str(tmp_path)])
+    rows = B.main(args)
+    first = next(iter(rows.values()))
+    assert first["ratio_to_decode"] == 1.0 and all(r["masks_per_s"] > 0 for r in rows.values())
+    assert any("fidelity check" in k and "the default" in k for k in rows)
+    assert f"written to {B._filesystem(tmp_path)}" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # its copies and outputs are gone
