@@ -126,10 +126,12 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
 
 
 @pytest.mark.slow
-def test_untrained_baseline_with_epochs_0(data_yaml, no_clip, tmp_path):
-    r = _run(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "0",
-              *COMMON, "--project", tmp_path / "runs", "--name", "u"], no_clip, tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
+def test_untrained_baseline_with_epochs_0(data_yaml, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "0",
+                      *COMMON, "--project", tmp_path / "runs", "--name", "u"], monkeypatch, capsys,
+                     {"YOLO_CONFIG_DIR": str(tmp_path / "ycfg")})
+    assert code == 0, err[-4000:]
     m = json.loads((tmp_path / "runs" / "u" / "metrics.json").read_text())
     assert "untrained" in m["note"] and "pycocotools" in m and "ultralytics" not in m
     assert read_records(tmp_path / "runs" / "u" / "predictions.jsonl")[0]["kind"] == "predictions"
