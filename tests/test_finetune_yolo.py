@@ -39,6 +39,15 @@ def no_clip(tmp_path) -> dict:
             "YOLO_OFFLINE": "1"}
 
 
+@pytest.fixture
+def in_process(monkeypatch, tmp_path) -> None:
+    """What ``no_clip`` gives a subprocess, for code run in this process (a new Python costs ~3 s of imports):
+    importing `clip` raises, Ultralytics' settings and the current directory are the test's own."""
+    monkeypatch.setitem(sys.modules, "clip", None)
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ycfg"))
+    monkeypatch.chdir(tmp_path)
+
+
 def _run(args, env, cwd):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=900)
@@ -50,7 +59,7 @@ COMMON = ["--from-scratch", "--imgsz", "64", "--batch", "8", "--workers", "0", "
 
 
 @pytest.mark.slow
-def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip, tmp_path, monkeypatch, capsys):
+def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip, tmp_path, in_process, capsys):
     r = _run(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
               *COMMON, "--project", tmp_path / "runs", "--name", "w"], no_clip, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -79,11 +88,7 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
     assert header["kind"] == "predictions" and header["classes"] == classes["names"]
     assert sorted(r.image for r in recs) == sorted(g.image for g in gt if g.fold == "test")
     assert all(r.scores is not None and r.image_score is not None for r in recs)
-    # the rest runs in this process (each command's own subprocess cost ~3 s of imports), CLIP still banned:
-    # `import clip` raises while this test runs
-    monkeypatch.setitem(sys.modules, "clip", None)
-    monkeypatch.setenv("YOLO_CONFIG_DIR", no_clip["YOLO_CONFIG_DIR"])
-    monkeypatch.chdir(tmp_path)
+    # the rest runs in this process (`in_process`: CLIP still banned)
     # the trained names and their embeddings travel inside the weights: reload, still no CLIP
     from ultralytics import YOLOWorld
 
@@ -126,11 +131,9 @@ def test_yolo_world_trains_offline_and_writes_its_run_folder(data_yaml, no_clip,
 
 
 @pytest.mark.slow
-def test_untrained_baseline_with_epochs_0(data_yaml, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def test_untrained_baseline_with_epochs_0(data_yaml, tmp_path, in_process, capsys):
     code, err = _cli(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "0",
-                      *COMMON, "--project", tmp_path / "runs", "--name", "u"], monkeypatch, capsys,
-                     {"YOLO_CONFIG_DIR": str(tmp_path / "ycfg")})
+                      *COMMON, "--project", tmp_path / "runs", "--name", "u"], capsys)
     assert code == 0, err[-4000:]
     m = json.loads((tmp_path / "runs" / "u" / "metrics.json").read_text())
     assert "untrained" in m["note"] and "pycocotools" in m and "ultralytics" not in m
@@ -190,14 +193,11 @@ def test_validating_from_a_later_epoch_changes_the_time_not_the_training(data_ya
     assert losses[1] == losses[2]  # epoch 2 trained on the same draws, validated after epoch 1 or not
 
 
-def _cli(args, monkeypatch, capsys, env=None) -> tuple[int, str]:
-    """``python finetune/yolo.py ARGS`` in this process (a subprocess costs ~3 s of imports; the script itself is
-    run as one by the first test): exit code and stderr, with CLIP banned as in ``no_clip``."""
+def _cli(args, capsys) -> tuple[int, str]:
+    """``python finetune/yolo.py ARGS`` in this process (with ``in_process``; the script itself runs as a process
+    in the first test): exit code and stderr."""
     from defectkit.finetune import yolo as ft
 
-    monkeypatch.setitem(sys.modules, "clip", None)
-    for k, v in (env or {}).items():
-        monkeypatch.setenv(k, v)
     capsys.readouterr()
     try:
         code = ft.cli(list(map(str, args)))
@@ -206,33 +206,30 @@ def _cli(args, monkeypatch, capsys, env=None) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_missing_weights_and_misuse_are_clear_errors(data_yaml, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def test_missing_weights_and_misuse_are_clear_errors(data_yaml, tmp_path, in_process, capsys):
     code, err = _cli(["--data", data_yaml, "--model", "yolo11n", "--no-from-scratch", "--weights-dir", tmp_path / "w",
-                      "--epochs", "1"], monkeypatch, capsys)
+                      "--epochs", "1"], capsys)
     assert code == 2
     assert "yolo11n.pt not found in" in err and "--from-scratch" in err
     code, err = _cli(["--data", data_yaml, "--model", "yolov8s-worldv2", "--no-from-scratch", "--weights",
-                      tmp_path / "nope.pt"], monkeypatch, capsys)
+                      tmp_path / "nope.pt"], capsys)
     assert code == 2 and "nope.pt does not exist" in err
     (tmp_path / "fake.pt").write_bytes(b"x")
     code, err = _cli(["--data", data_yaml, "--model", "yolov8s-worldv2", "--weights", tmp_path / "fake.pt",
-                      "--text-embeddings", "hash"], monkeypatch, capsys)
+                      "--text-embeddings", "hash"], capsys)
     assert code == 2 and "only with --from-scratch" in err
-    code, err = _cli(["--data", tmp_path / "missing.yaml"], monkeypatch, capsys)
+    code, err = _cli(["--data", tmp_path / "missing.yaml"], capsys)
     assert code == 2 and "make convert" in err
 
 
 @pytest.mark.slow
-def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml, tmp_path, monkeypatch, capsys):
+def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml, tmp_path, in_process, capsys):
     """--weights PATH and --text-embeddings file: the route a user with real YOLO-World weights takes.
     The stand-in .pt is a 1-epoch from-scratch run of the same model, saved by Ultralytics itself."""
     import torch
 
-    monkeypatch.chdir(tmp_path)
-    env = {"YOLO_CONFIG_DIR": str(tmp_path / "ycfg")}
     code, err = _cli(["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
-                      *COMMON, "--out", tmp_path / "base"], monkeypatch, capsys, env)
+                      *COMMON, "--out", tmp_path / "base"], capsys)
     assert code == 0, err[-3000:]
     torch.manual_seed(0)
     table = {n: torch.randn(512) for n in ["cut", "speck", "stain", "tear"]}
@@ -241,7 +238,7 @@ def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml,
             "--text-embeddings", "file", "--text-embeddings-file", tmp_path / "emb.pt", "--epochs", "1",
             "--imgsz", "64", "--batch", "8", "--workers", "0", "--device", "cpu", "plots=False",
             "--out", tmp_path / "ft", "-q"]
-    code, err = _cli(args, monkeypatch, capsys, env)
+    code, err = _cli(args, capsys)
     assert code == 0, err[-3000:]
     m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert m["from_scratch"] is False and m["text_embeddings"] == "file" and "from scratch" not in (m.get("note") or "")
@@ -250,17 +247,16 @@ def test_pretrained_path_with_stand_in_weights_and_an_embeddings_file(data_yaml,
 
 
 @pytest.mark.slow
-def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(data_yaml, tmp_path, monkeypatch, capsys):
+def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(data_yaml, tmp_path, in_process, monkeypatch,
+                                                                   capsys):
     """--synthetic-pretrain: defects painted on the data's good images, one class, a pretraining run, then
     the real fine-tuning starts from its best.pt; a rerun reuses the finished pretraining stage."""
     from defectkit.finetune import synthetic_pretrain
 
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(synthetic_pretrain, "WORK", tmp_path / "work")
-    env = {"YOLO_CONFIG_DIR": str(tmp_path / "ycfg")}
     args = ["--data", data_yaml, "--model", "yolov8n-worldv2", "--text-embeddings", "hash", "--epochs", "1",
             "--synthetic-pretrain", "8", "--pretrain-epochs", "1", *COMMON, "--out", tmp_path / "run", "-q"]
-    code, err = _cli(args, monkeypatch, capsys, env)
+    code, err = _cli(args, capsys)
     assert code == 0, err[-3000:]
     run = tmp_path / "run"
     pre = run / "pretrain"
@@ -276,7 +272,7 @@ def test_synthetic_pretraining_then_fine_tuning_from_its_checkpoint(data_yaml, t
     header, _ = read_records(run / "predictions.jsonl")
     assert header["model"] == "yolov8n-worldv2 (synthetic pretrain 8)"
     done_before = (pre / "done.json").stat().st_mtime_ns
-    code, err = _cli([*args, "--exist-ok"], monkeypatch, capsys, env)  # rerun: the pretraining stage is reused
+    code, err = _cli([*args, "--exist-ok"], capsys)  # rerun: the pretraining stage is reused
     assert code == 0, err[-3000:]
     assert (pre / "done.json").stat().st_mtime_ns == done_before
 
